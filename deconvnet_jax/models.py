@@ -1,0 +1,283 @@
+"""VGG16 encoder, DeconvNet and FCN-8s as Flax NNX modules (NHWC).
+
+Layer names follow the paper and the reference prototxts (conv1_1 ... fc7,
+fc6_deconv, deconv5_1 ... deconv1_2, score; FCN's score_fr, upscore2, ...), so
+that weight import and checkpoints read as the paper does.
+
+Kernel layouts: convolutions are HWIO. Transposed convolutions ("deconv") are
+also [kh, kw, in, out] but with PyTorch's / Caffe's deconvolution semantics
+(`out[y + p, x + q] += in[p, q] @ K[y, x]`): a Caffe [in, out, kh, kw] blob maps
+to it by a transpose alone, no flip.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deconvnet_jax.configs import ModelConfig
+from deconvnet_jax.ops import max_pool_with_argmax, max_unpool, pooled_size
+
+VGG16_PLAN = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+# Decoder stage 5 first: unpool with pool5's argmax, then these deconvs.
+DECODER_PLAN = ((512, 512, 512), (512, 512, 256), (256, 256, 128), (128, 64), (64, 64))
+
+he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
+gaussian = nnx.initializers.normal(0.01)
+
+
+def _dtype(config: ModelConfig):
+  return jnp.dtype(config.dtype)
+
+
+def bilinear_kernel(key, shape, dtype=jnp.float32):
+  """[k, k, C, C] deconvolution kernel that upsamples each channel bilinearly (FCN's init)."""
+  del key
+  k, _, cin, cout = shape
+  factor = (k + 1) // 2
+  center = factor - 1 if k % 2 == 1 else factor - 0.5
+  og = np.arange(k)
+  filt = 1 - np.abs(og - center) / factor
+  weights = np.zeros(shape, np.float32)
+  weights[:, :, np.arange(min(cin, cout)), np.arange(min(cin, cout))] = np.outer(filt, filt)[..., None]
+  return jnp.asarray(weights, dtype)
+
+
+class FullyConv(nnx.Module):
+  """A k x k VALID convolution: fc6 (7x7) and fc7 (1x1) of VGG16 as convolutions.
+
+  On a k x k input (the 224x224 case) it is computed as one matmul, which XLA
+  runs far faster than a 7x7 convolution producing a 1x1 map.
+  """
+
+  def __init__(self, cin: int, cout: int, k: int, *, dtype, kernel_init, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(kernel_init(rngs.params(), (k, k, cin, cout)))  # HWIO
+    self.bias = nnx.Param(jnp.zeros((cout,)))
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, cin] -> [B, H-k+1, W-k+1, cout]
+    k, _, cin, cout = self.kernel.shape
+    x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
+    if x.shape[1:3] == (k, k):
+      y = (x.reshape(x.shape[0], k * k * cin) @ kernel.reshape(k * k * cin, cout))[:, None, None]
+    else:
+      y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + self.bias[...].astype(self.dtype)
+
+
+class Deconv(nnx.Module):
+  """Transposed convolution with Caffe/PyTorch semantics: out = (in - 1) * stride + k - 2 * pad."""
+
+  def __init__(self, cin: int, cout: int, k: int, *, stride: int = 1, pad: int = 0,
+               use_bias: bool = True, dtype, kernel_init, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(kernel_init(rngs.params(), (k, k, cin, cout)))  # [kh, kw, in, out]
+    self.bias = nnx.Param(jnp.zeros((cout,))) if use_bias else None
+    self.stride, self.pad, self.dtype = stride, pad, dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, _, cin, cout = self.kernel.shape
+    x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
+    if x.shape[1:3] == (1, 1) and self.pad == 0:
+      # fc6-deconv on the 1x1 fc7 map: every output pixel is one matmul with
+      # its own [in, out] slice; no padded 7x7 convolution over zeros.
+      y = jnp.einsum("bi,pio->bpo", x.reshape(-1, cin), kernel.reshape(k * k, cin, cout))
+      y = y.reshape(-1, k, k, cout)
+    else:
+      # A transposed conv is a conv of the stride-dilated input, padded by
+      # k - 1 - pad, with the spatially flipped kernel.
+      p = k - 1 - self.pad
+      y = jax.lax.conv_general_dilated(
+          x, kernel[::-1, ::-1], (1, 1), ((p, p), (p, p)),
+          lhs_dilation=(self.stride, self.stride),
+          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class Block(nnx.Module):
+  """layer -> BatchNorm (if configured) -> ReLU."""
+
+  def __init__(self, layer: nnx.Module, features: int, config: ModelConfig, rngs: nnx.Rngs):
+    self.layer = layer
+    self.bn = nnx.BatchNorm(
+        features, momentum=config.bn_momentum, epsilon=config.bn_epsilon,
+        dtype=_dtype(config), rngs=rngs) if config.batch_norm else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = self.layer(x)
+    if self.bn is not None:
+      x = self.bn(x)
+    return nnx.relu(x)
+
+
+def conv3x3(cin, cout, config, rngs, pad=1, kernel_init=he_normal):
+  return nnx.Conv(cin, cout, (3, 3), padding=((pad, pad), (pad, pad)), dtype=_dtype(config),
+                  kernel_init=kernel_init, rngs=rngs)
+
+
+class VGG16(nnx.Module):
+  """conv1_1 ... conv5_3 with ceil-mode argmax pooling, then fc6 and fc7 as convolutions."""
+
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs, first_pad: int = 1):
+    cin = 3
+    for s, plan in enumerate(VGG16_PLAN, start=1):
+      for i, cout in enumerate(plan, start=1):
+        cout = config.channels(cout)
+        pad = first_pad if (s, i) == (1, 1) else 1
+        setattr(self, f"conv{s}_{i}", Block(conv3x3(cin, cout, config, rngs, pad), cout, config, rngs))
+        cin = cout
+    fc, k, dt = config.fc_dim, config.fc_kernel, _dtype(config)
+    self.fc6 = Block(FullyConv(cin, fc, k, dtype=dt, kernel_init=he_normal, rngs=rngs), fc, config, rngs)
+    self.fc7 = Block(FullyConv(fc, fc, 1, dtype=dt, kernel_init=he_normal, rngs=rngs), fc, config, rngs)
+    self.fc_kernel = k
+
+  def features(self, x: jax.Array) -> list[tuple[jax.Array, jax.Array, tuple[int, int]]]:
+    """[B, H, W, 3] -> per pool stage (pooled [B, h, w, C], argmax indices, pre-pool (H, W))."""
+    pools = []
+    for s, plan in enumerate(VGG16_PLAN, start=1):
+      for i in range(1, len(plan) + 1):
+        x = getattr(self, f"conv{s}_{i}")(x)
+        hw = x.shape[1:3]
+      x, indices = max_pool_with_argmax(x)
+      pools.append((x, indices, hw))
+    return pools
+
+  def fc(self, x: jax.Array) -> jax.Array:  # pool5 [B, h, w, C] -> [B, h-k+1, w-k+1, fc_dim]
+    return self.fc7(self.fc6(x))
+
+
+def min_input_size(config: ModelConfig) -> int:
+  """Smallest input side whose pool5 map still covers the fc6 kernel."""
+  return 32 * (config.fc_kernel - 1) + 1
+
+
+class DeconvNet(nnx.Module):
+  """VGG16 encoder, fc6/fc7, fc6-deconv, and a mirrored unpool + deconv decoder.
+
+  __call__: normalised images [B, H, W, 3] -> class logits [B, H, W, num_classes] float32.
+  """
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    if config.arch != "deconvnet":
+      raise ValueError(f"DeconvNet needs arch='deconvnet', got {config.arch!r}")
+    self.config = config
+    dt = _dtype(config)
+    self.encoder = VGG16(config, rngs)
+    c5 = config.channels(512)
+    self.fc6_deconv = Block(
+        Deconv(config.fc_dim, c5, config.fc_kernel, dtype=dt, kernel_init=gaussian, rngs=rngs),
+        c5, config, rngs)
+    cin = c5
+    for s, plan in zip(range(5, 0, -1), DECODER_PLAN):
+      for i, cout in enumerate(plan, start=1):
+        cout = config.channels(cout)
+        layer = Deconv(cin, cout, 3, pad=1, dtype=dt, kernel_init=gaussian, rngs=rngs)
+        setattr(self, f"deconv{s}_{i}", Block(layer, cout, config, rngs))
+        cin = cout
+    self.score = nnx.Conv(cin, config.num_classes, (1, 1), dtype=dt, kernel_init=gaussian, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    check_input_size(x, self.config)
+    pools = self.encoder.features(x)
+    x = self.fc6_deconv(self.encoder.fc(pools[-1][0]))  # [B, h5, w5, C5]
+    for s, plan in zip(range(5, 0, -1), DECODER_PLAN):
+      _, indices, hw = pools[s - 1]
+      x = max_unpool(x, indices, hw, self.config.unpool_method)
+      for i in range(1, len(plan) + 1):
+        x = getattr(self, f"deconv{s}_{i}")(x)
+    return self.score(x).astype(jnp.float32)
+
+
+def check_input_size(x: jax.Array, config: ModelConfig):
+  if x.ndim != 4 or x.shape[-1] != 3:
+    raise ValueError(f"expected images [B, H, W, 3], got shape {x.shape}")
+  if config.arch == "deconvnet" and min(x.shape[1:3]) < min_input_size(config):
+    raise ValueError(
+        f"input {x.shape[1]}x{x.shape[2]} is too small: with fc_kernel={config.fc_kernel} "
+        f"DeconvNet needs at least {min_input_size(config)} pixels per side")
+
+
+def _crop(x: jax.Array, offset: int, hw: tuple[int, int]) -> jax.Array:
+  """Caffe's Crop layer: x[:, offset:offset + H, offset:offset + W]."""
+  return x[:, offset:offset + hw[0], offset:offset + hw[1]]
+
+
+class FCN8s(nnx.Module):
+  """FCN-8s (Long et al.) on VGG16, with the reference's 100-pixel pad and crop offsets.
+
+  __call__: normalised images [B, H, W, 3] -> class logits [B, H, W, num_classes] float32.
+  """
+
+  # Crop offsets of the reference fcn8s prototxt, valid for the 100-pixel pad.
+  POOL4_OFFSET, POOL3_OFFSET, OUTPUT_OFFSET = 5, 9, 31
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    if config.arch != "fcn8s" or config.fc_kernel != 7:
+      raise ValueError("FCN8s needs arch='fcn8s' and fc_kernel=7 (its crop offsets assume both)")
+    self.config = config
+    n, dt = config.num_classes, _dtype(config)
+    zeros = nnx.initializers.zeros
+    self.encoder = VGG16(config, rngs, first_pad=100)
+    self.score_fr = nnx.Conv(config.fc_dim, n, (1, 1), dtype=dt, kernel_init=zeros, rngs=rngs)
+    self.score_pool4 = nnx.Conv(config.channels(512), n, (1, 1), dtype=dt, kernel_init=zeros, rngs=rngs)
+    self.score_pool3 = nnx.Conv(config.channels(256), n, (1, 1), dtype=dt, kernel_init=zeros, rngs=rngs)
+    up = dict(use_bias=False, dtype=dt, kernel_init=bilinear_kernel, rngs=rngs)
+    self.upscore2 = Deconv(n, n, 4, stride=2, **up)
+    self.upscore_pool4 = Deconv(n, n, 4, stride=2, **up)
+    self.upscore8 = Deconv(n, n, 16, stride=8, **up)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    check_input_size(x, self.config)
+    hw = x.shape[1:3]
+    pools = self.encoder.features(x)
+    up2 = self.upscore2(self.score_fr(self.encoder.fc(pools[4][0])))
+    x = up2 + _crop(self.score_pool4(pools[3][0]), self.POOL4_OFFSET, up2.shape[1:3])
+    up4 = self.upscore_pool4(x)
+    x = up4 + _crop(self.score_pool3(pools[2][0]), self.POOL3_OFFSET, up4.shape[1:3])
+    return _crop(self.upscore8(x), self.OUTPUT_OFFSET, hw).astype(jnp.float32)
+
+
+def build_model(config: ModelConfig, seed: int = 0) -> DeconvNet | FCN8s:
+  """A freshly initialised model for the configuration."""
+  cls = DeconvNet if config.arch == "deconvnet" else FCN8s
+  return cls(config, rngs=nnx.Rngs(seed))
+
+
+
+def get_variables(model: nnx.Module) -> dict:
+  """{"params": ..., "batch_stats": ...} as plain nested dicts of arrays (orbax- and Flax-ready)."""
+  return {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+          "batch_stats": nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))}
+
+
+def set_variables(model: nnx.Module, variables: dict, source: str = "variables"):
+  """Loads `get_variables`-style dicts into `model` in place; a shape mismatch names the layer."""
+  for collection, kind in (("params", nnx.Param), ("batch_stats", nnx.BatchStat)):
+    state = nnx.state(model, kind)
+    expected = dict(_flatten(nnx.to_pure_dict(state)))
+    found = dict(_flatten(variables.get(collection, {})))
+    missing, extra = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    if missing or extra:
+      raise ValueError(f"{source}: {collection} do not match the model: "
+                       f"missing {_some(missing)}, unexpected {_some(extra)}")
+    wrong = [f"{name} has shape {tuple(np.shape(value))}, the model expects "
+             f"{tuple(expected[name].shape)}" for name, value in found.items()
+             if tuple(np.shape(value)) != tuple(expected[name].shape)]
+    if wrong:
+      raise ValueError(f"{source}: {collection} {_some(wrong)} (another class count or width?)")
+    nnx.replace_by_pure_dict(state, variables[collection])
+    nnx.update(model, state)
+
+
+def _some(items: list, n: int = 5) -> str:
+  return ", ".join(map(str, items[:n])) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _flatten(tree: dict, prefix: str = ""):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flatten(value, f"{prefix}{key}/")
+    else:
+      yield f"{prefix}{key}", value
