@@ -4,10 +4,10 @@ Layer names follow the paper and the reference prototxts (conv1_1 ... fc7,
 fc6_deconv, deconv5_1 ... deconv1_2, score; FCN's score_fr, upscore2, ...), so
 that weight import and checkpoints read as the paper does.
 
-Kernel layouts: convolutions are HWIO. Transposed convolutions ("deconv") are
-also [kh, kw, in, out] but with PyTorch's / Caffe's deconvolution semantics
-(`out[y + p, x + q] += in[p, q] @ K[y, x]`): a Caffe [in, out, kh, kw] blob maps
-to it by a transpose alone, no flip.
+Kernel layouts: convolutions are HWIO. Transposed convolutions ("deconv") keep
+PyTorch's ConvTranspose2d / Caffe's Deconvolution layout [in, out, kh, kw] and
+semantics (`out[y + p, x + q] += in[p, q] @ K[:, :, y, x]`), so those weights
+load unchanged; in that layout fc6-deconv on a 1x1 map is one plain matmul.
 """
 
 import jax
@@ -31,15 +31,16 @@ def _dtype(config: ModelConfig):
 
 
 def bilinear_kernel(key, shape, dtype=jnp.float32):
-  """[k, k, C, C] deconvolution kernel that upsamples each channel bilinearly (FCN's init)."""
+  """[C, C, k, k] deconvolution kernel that upsamples each channel bilinearly (FCN's init)."""
   del key
-  k, _, cin, cout = shape
+  cin, cout, k, _ = shape
   factor = (k + 1) // 2
   center = factor - 1 if k % 2 == 1 else factor - 0.5
   og = np.arange(k)
   filt = 1 - np.abs(og - center) / factor
   weights = np.zeros(shape, np.float32)
-  weights[:, :, np.arange(min(cin, cout)), np.arange(min(cin, cout))] = np.outer(filt, filt)[..., None]
+  diagonal = np.arange(min(cin, cout))
+  weights[diagonal, diagonal] = np.outer(filt, filt)
   return jnp.asarray(weights, dtype)
 
 
@@ -71,26 +72,26 @@ class Deconv(nnx.Module):
 
   def __init__(self, cin: int, cout: int, k: int, *, stride: int = 1, pad: int = 0,
                use_bias: bool = True, dtype, kernel_init, rngs: nnx.Rngs):
-    self.kernel = nnx.Param(kernel_init(rngs.params(), (k, k, cin, cout)))  # [kh, kw, in, out]
+    self.kernel = nnx.Param(kernel_init(rngs.params(), (cin, cout, k, k)))  # [in, out, kh, kw]
     self.bias = nnx.Param(jnp.zeros((cout,))) if use_bias else None
     self.stride, self.pad, self.dtype = stride, pad, dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    k, _, cin, cout = self.kernel.shape
+    cin, cout, k, _ = self.kernel.shape
     x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
     if x.shape[1:3] == (1, 1) and self.pad == 0:
-      # fc6-deconv on the 1x1 fc7 map: every output pixel is one matmul with
-      # its own [in, out] slice; no padded 7x7 convolution over zeros.
-      y = jnp.einsum("bi,pio->bpo", x.reshape(-1, cin), kernel.reshape(k * k, cin, cout))
-      y = y.reshape(-1, k, k, cout)
+      # fc6-deconv on the 1x1 fc7 map: one [B, in] @ [in, out*k*k] matmul,
+      # not a padded k x k convolution over zeros.
+      y = (x.reshape(-1, cin) @ kernel.reshape(cin, cout * k * k)).reshape(-1, cout, k, k)
+      y = y.transpose(0, 2, 3, 1)
     else:
       # A transposed conv is a conv of the stride-dilated input, padded by
       # k - 1 - pad, with the spatially flipped kernel.
       p = k - 1 - self.pad
       y = jax.lax.conv_general_dilated(
-          x, kernel[::-1, ::-1], (1, 1), ((p, p), (p, p)),
+          x, kernel[:, :, ::-1, ::-1], (1, 1), ((p, p), (p, p)),
           lhs_dilation=(self.stride, self.stride),
-          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+          dimension_numbers=("NHWC", "IOHW", "NHWC"))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from deconvnet_jax.configs import model_config
-from deconvnet_jax.models import (Deconv, FullyConv, build_model, get_variables, he_normal,
+from deconvnet_jax.models import (Deconv, bilinear_kernel, FullyConv, build_model, get_variables, he_normal,
                                   min_input_size, set_variables)
 
 
@@ -16,14 +16,14 @@ forward = nnx.jit(lambda model, x: model(x))
 
 
 def deconv_reference(x, kernel, stride, pad):
-  """NumPy loop of Caffe's deconvolution: scatter each input pixel times K, then crop pad."""
+  """NumPy loop of Caffe's deconvolution (kernel [in, out, kh, kw]): scatter, then crop pad."""
   b, h, w, _ = x.shape
-  k = kernel.shape[0]
-  full = np.zeros((b, (h - 1) * stride + k, (w - 1) * stride + k, kernel.shape[3]), np.float64)
+  k = kernel.shape[2]
+  full = np.zeros((b, (h - 1) * stride + k, (w - 1) * stride + k, kernel.shape[1]), np.float64)
   for i in range(h):
     for j in range(w):
       full[:, i * stride:i * stride + k, j * stride:j * stride + k] += np.einsum(
-          "bc,yxco->byxo", x[:, i, j], kernel)
+          "bc,coyx->byxo", x[:, i, j], kernel)
   return full[:, pad:full.shape[1] - pad, pad:full.shape[2] - pad]
 
 
@@ -47,11 +47,18 @@ def test_deconv_matches_pytorch():
   x = rng.normal(size=(2, 5, 3, 4)).astype(np.float32)
   layer = Deconv(4, 6, 4, stride=2, pad=1, use_bias=False, dtype=jnp.float32,
                  kernel_init=he_normal, rngs=nnx.Rngs(0))
-  layer.kernel[...] = jnp.asarray(weight.transpose(2, 3, 0, 1))
+  layer.kernel[...] = jnp.asarray(weight)
   want = torch.nn.functional.conv_transpose2d(
       torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(weight), stride=2, padding=1)
   np.testing.assert_allclose(np.asarray(layer(jnp.asarray(x))),
                              want.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_bilinear_kernel_upsamples_a_constant_to_a_constant():
+  layer = Deconv(2, 2, 4, stride=2, pad=1, use_bias=False, dtype=jnp.float32,
+                 kernel_init=bilinear_kernel, rngs=nnx.Rngs(0))
+  out = np.asarray(layer(jnp.ones((1, 5, 5, 2))))
+  np.testing.assert_allclose(out[0, 1:-1, 1:-1], 1.0, rtol=1e-6)  # interior: exact interpolation
 
 
 def test_fully_conv_matmul_path_equals_convolution():
