@@ -1,0 +1,160 @@
+"""Benchmark: DeconvNet forward / train step, pooling and unpooling formulations, machine peak.
+
+  python bench.py                      # paper configuration, 224x224, batch 4
+  python bench.py --batch 2 --repeats 3
+
+Every figure in one run, so ratios compare like with like on a shared machine.
+Times are medians over --repeats runs after a compile-and-warm-up run.
+"""
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deconvnet_jax.configs import ModelConfig, model_config
+from deconvnet_jax.models import DECODER_PLAN, VGG16_PLAN, build_model
+from deconvnet_jax.ops import max_pool_with_argmax, max_unpool
+from deconvnet_jax.training import (OptimConfig, init_train_state, jit_eval_logits, jit_train_step,
+                                    make_mesh, make_optimizer, replicate)
+
+
+def timeit(fn, *args, repeats: int) -> float:
+  """Median seconds of fn(*args) after one warm-up call (which compiles)."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def forward_flops(config: ModelConfig, size: int) -> float:
+  """2 x multiply-adds of every conv / deconv / fc layer for one size x size image."""
+  flops, h, cin = 0.0, size, 3
+  stage_sizes = []
+  for plan in VGG16_PLAN:
+    stage_sizes.append(h)
+    for cout in plan:
+      cout = config.channels(cout)
+      flops += 2 * h * h * 9 * cin * cout
+      cin = cout
+    h = (h + 1) // 2
+  k, fc = config.fc_kernel, config.fc_dim
+  fc_out = h - k + 1
+  flops += 2 * fc_out**2 * k * k * cin * fc + 2 * fc_out**2 * fc * fc  # fc6, fc7
+  flops += 2 * fc_out**2 * k * k * fc * cin  # fc6-deconv
+  for h, plan in zip(reversed(stage_sizes), DECODER_PLAN):
+    for cout in plan:
+      cout = config.channels(cout)
+      flops += 2 * h * h * 9 * cin * cout
+      cin = cout
+  flops += 2 * size * size * cin * config.num_classes  # score
+  return flops
+
+
+def machine_peak(repeats: int) -> list[tuple[str, float, float]]:
+  """(name, seconds, GFLOP/s) of a large matmul and of 3x3 convs at VGG shapes."""
+  rows = []
+  a = jnp.ones((2048, 2048), jnp.float32)
+  t = timeit(jax.jit(lambda a: a @ a), a, repeats=repeats)
+  rows.append(("matmul 2048^3", t, 2 * 2048**3 / t / 1e9))
+  for name, h, cin, cout in [("conv1_2", 224, 64, 64), ("conv3_1", 56, 128, 256), ("conv5_1", 14, 512, 512)]:
+    x = jnp.ones((4, h, h, cin), jnp.float32)
+    w = jnp.ones((3, 3, cin, cout), jnp.float32) * 0.01
+    conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    t = timeit(conv, x, w, repeats=repeats)
+    rows.append((f"3x3 conv {name} (batch 4)", t, 2 * 4 * h * h * 9 * cin * cout / t / 1e9))
+  return rows
+
+
+def pool_unpool(config: ModelConfig, batch: int, size: int, repeats: int) -> dict:
+  """Seconds, summed over the five stages, of pooling and both unpooling formulations."""
+  shapes, h = [], size
+  for plan in VGG16_PLAN:
+    shapes.append((batch, h, h, config.channels(plan[-1])))
+    h = (h + 1) // 2
+  total = {}
+  for shape in shapes:
+    x = jax.random.normal(jax.random.key(0), shape)
+    y, idx = jax.jit(max_pool_with_argmax)(x)
+    cot = jax.random.normal(jax.random.key(1), y.shape)
+    plain = jax.jit(lambda x: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "SAME"))
+    cases = {
+        "max pool, values only (reduce_window)": (plain, x),
+        "max_pool_with_argmax forward": (jax.jit(max_pool_with_argmax), x),
+        "max_pool_with_argmax backward": (
+            jax.jit(jax.grad(lambda x: jnp.sum(max_pool_with_argmax(x)[0] * cot))), x),
+    }
+    for method in ("select", "scatter"):
+      unpool = lambda y, m=method: max_unpool(y, idx, shape[1:3], m)
+      cases[f"max_unpool {method} forward"] = (jax.jit(unpool), y)
+      cases[f"max_unpool {method} backward"] = (jax.jit(jax.grad(lambda y, u=unpool: jnp.sum(u(y) * x))), y)
+    for name, (fn, arg) in cases.items():
+      total[name] = total.get(name, 0.0) + timeit(fn, arg, repeats=repeats)
+  return total
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="paper")
+  parser.add_argument("--size", type=int, default=224)
+  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--repeats", type=int, default=5)
+  args = parser.parse_args()
+
+  config = model_config(args.config)
+  b, size = args.batch, args.size
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; "
+        f"config {args.config}, {size}x{size}, batch {b}, median of {args.repeats}\n")
+
+  print("| machine | ms | GFLOP/s |\n|---|---:|---:|")
+  peak = machine_peak(args.repeats)
+  for name, t, g in peak:
+    print(f"| {name} | {t * 1e3:.1f} | {g:.0f} |")
+
+  pools = pool_unpool(config, b, size, args.repeats)
+  print(f"\n| pool / unpool, 5 stages, batch {b} | ms |\n|---|---:|")
+  for name, t in pools.items():
+    print(f"| {name} | {t * 1e3:.1f} |")
+  for d in ("forward", "backward"):
+    ratio = pools[f"max_unpool scatter {d}"] / pools[f"max_unpool select {d}"]
+    print(f"| unpool {d}: scatter / select | {ratio:.2f}x |")
+
+  model = build_model(config)
+  tx = make_optimizer(OptimConfig())
+  graphdef, state = init_train_state(model, tx)
+  del model
+  mesh = make_mesh()
+  state = replicate(state, mesh)
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.normal(size=(b, size, size, 3)), jnp.float32),
+           "label": jnp.asarray(rng.integers(0, config.num_classes, (b, size, size)), jnp.int32)}
+  forward = jit_eval_logits(graphdef, mesh)
+  t_fwd = timeit(forward, state.params, state.batch_stats, batch["image"], repeats=args.repeats)
+  step = jit_train_step(graphdef, tx, mesh)
+  holder = [state]
+
+  def one_step(batch):
+    holder[0], metrics = step(holder[0], batch)
+    return metrics["loss"]
+
+  t_step = timeit(one_step, batch, repeats=args.repeats)
+  flops = forward_flops(config, size)
+  best = max(g for _, _, g in peak)
+  share = sum(pools[k] for k in ("max_pool_with_argmax forward", "max_pool_with_argmax backward",
+                                 "max_unpool select forward", "max_unpool select backward")) / t_step
+  print(f"\n| DeconvNet ({flops / 1e9:.1f} GFLOPs forward per image) | s/img | img/s | GFLOP/s | of peak |")
+  print("|---|---:|---:|---:|---:|")
+  for name, t, f in [("forward (inference BN)", t_fwd, flops), ("train step (fwd+bwd+SGD)", t_step, 3 * flops)]:
+    g = f * b / t / 1e9
+    print(f"| {name} | {t / b:.3f} | {b / t:.2f} | {g:.0f} | {g / best:.0%} |")
+  print(f"| pool + unpool (fwd+bwd) share of the train step | {share:.1%} | | | |")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,164 @@
+"""A generated dataset in the VOC 2012 layout, deterministic from a seed.
+
+Five object classes, each a shape with its own colour family and texture, at
+varied sizes and positions, overlapping, on textured backgrounds, with VOC's
+void band around every object boundary. It lets training and inference run with
+no dataset at hand, and is what the tests learn on.
+"""
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from deconvnet_jax.data.voc import VOC_CLASSES, VOID, voc_colormap
+
+# class index (VOC numbering) -> (shape, base RGB colour)
+SHAPES = {
+    1: ("triangle", (200, 60, 50)),  # aeroplane
+    6: ("rectangle", (60, 170, 70)),  # bus
+    8: ("ellipse", (60, 90, 210)),  # cat
+    15: ("cross", (220, 190, 50)),  # person
+    20: ("ring", (170, 70, 190)),  # tvmonitor
+}
+CLASSES = tuple(sorted(SHAPES))
+
+
+def _shape_mask(kind: str, h: int, w: int, rng) -> np.ndarray:
+  """A [h, w] bool mask of the shape filling its box."""
+  y, x = np.mgrid[0:h, 0:w]
+  u, v = (x + 0.5) / w * 2 - 1, (y + 0.5) / h * 2 - 1  # [-1, 1]
+  if kind == "triangle":
+    return v >= 2 * np.abs(u) - 1
+  if kind == "rectangle":
+    return np.ones((h, w), bool)
+  if kind == "ellipse":
+    return u**2 + v**2 <= 1
+  if kind == "cross":
+    t = rng.uniform(0.3, 0.45)
+    return (np.abs(u) <= t) | (np.abs(v) <= t)
+  if kind == "ring":
+    r = np.sqrt(u**2 + v**2)
+    return (r <= 1) & (r >= rng.uniform(0.45, 0.6))
+  raise ValueError(kind)
+
+
+def _texture(h: int, w: int, colour, rng) -> np.ndarray:
+  """Colour with jitter, stripes or speckle: [h, w, 3] float."""
+  base = np.asarray(colour, np.float32) + rng.normal(0, 18, 3)
+  y, x = np.mgrid[0:h, 0:w]
+  kind = rng.integers(3)
+  if kind == 0:
+    shade = 1 + 0.15 * np.sin((x * np.cos(a := rng.uniform(0, np.pi)) + y * np.sin(a)) / rng.uniform(2, 5))
+  elif kind == 1:
+    shade = 1 + 0.12 * rng.normal(size=(h, w))
+  else:
+    shade = 1 + 0.2 * (y / max(h - 1, 1) - 0.5)
+  return base * shade[..., None]
+
+
+def _background(h: int, w: int, rng) -> np.ndarray:
+  y, x = np.mgrid[0:h, 0:w]
+  a, b = rng.uniform(60, 200, 3), rng.uniform(-60, 60, 3)
+  ramp = (x / w * np.cos(t := rng.uniform(0, 2 * np.pi)) + y / h * np.sin(t))[..., None]
+  return a + b * ramp + rng.normal(0, 10, (h, w, 3))
+
+
+def _void_band(instances: np.ndarray) -> np.ndarray:
+  """Pixels whose 3x3 neighbourhood holds another instance id (or background): VOC's boundary."""
+  padded = np.pad(instances, 1, mode="edge")
+  h, w = instances.shape
+  band = np.zeros((h, w), bool)
+  for dy in (0, 1, 2):
+    for dx in (0, 1, 2):
+      band |= padded[dy:dy + h, dx:dx + w] != instances
+  return band
+
+
+def make_example(rng, min_size: int = 96, max_size: int = 176, max_objects: int = 4):
+  """(image [H, W, 3] uint8, class mask [H, W] uint8, instance mask [H, W] uint8)."""
+  h, w = rng.integers(min_size, max_size + 1, 2)
+  image = _background(h, w, rng)
+  instances = np.zeros((h, w), np.uint8)
+  classes = []
+  for _ in range(rng.integers(1, max_objects + 1)):
+    cls = CLASSES[rng.integers(len(CLASSES))]
+    kind, colour = SHAPES[cls]
+    oh = int(rng.integers(min(h, w) // 5, int(min(h, w) * 0.7)))
+    ow = int(np.clip(oh * rng.uniform(0.7, 1.4), 12, w - 2))
+    top, left = rng.integers(0, h - oh + 1), rng.integers(0, w - ow + 1)
+    mask = np.zeros((h, w), bool)
+    mask[top:top + oh, left:left + ow] = _shape_mask(kind, oh, ow, rng)
+    image[mask] = _texture(oh, ow, colour, rng)[mask[top:top + oh, left:left + ow]]
+    classes.append(cls)
+    instances[mask] = len(classes)  # later objects occlude earlier ones
+  # Keep instance ids 1..N contiguous over the objects still visible.
+  visible = [i for i in range(1, len(classes) + 1) if np.any(instances == i)]
+  lut = np.zeros(256, np.uint8)
+  lut[visible] = np.arange(1, len(visible) + 1)
+  instances = lut[instances]
+  label = np.zeros((h, w), np.uint8)
+  for new_id, old_id in enumerate(visible, start=1):
+    label[instances == new_id] = classes[old_id - 1]
+  band = _void_band(instances)
+  label[band], instances[band] = VOID, VOID
+  image = np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8)
+  return image, label, instances
+
+
+def _save_atomic(image: Image.Image, path: Path, **kwargs):
+  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
+  os.close(fd)
+  try:
+    image.save(tmp, **kwargs)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def palette_image(mask: np.ndarray) -> Image.Image:
+  """[H, W] uint8 indices as a VOC-palette PNG image (values kept, colours for viewers)."""
+  im = Image.fromarray(mask)  # mode L; putpalette turns it into P without touching values
+  im.putpalette(voc_colormap().reshape(-1).tolist())
+  return im
+
+
+def generate(root, num_train: int = 200, num_val: int = 50, seed: int = 0) -> Path:
+  """Writes the dataset under root (VOC layout) and returns root. Existing files are rewritten."""
+  root = Path(root)
+  dirs = {d: root / d for d in ("JPEGImages", "SegmentationClass", "SegmentationObject")}
+  splits_dir = root / "ImageSets" / "Segmentation"
+  for d in (*dirs.values(), splits_dir):
+    d.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  ids = [f"gen_{i:05d}" for i in range(num_train + num_val)]
+  for image_id in ids:
+    image, label, instances = make_example(rng)
+    _save_atomic(Image.fromarray(image), dirs["JPEGImages"] / f"{image_id}.jpg", quality=95)
+    _save_atomic(palette_image(label), dirs["SegmentationClass"] / f"{image_id}.png")
+    _save_atomic(palette_image(instances), dirs["SegmentationObject"] / f"{image_id}.png")
+  splits = {"train": ids[:num_train], "val": ids[num_train:], "trainval": ids}
+  for name, members in splits.items():
+    (splits_dir / f"{name}.txt").write_text("".join(f"{i}\n" for i in members))
+  (root / "README.txt").write_text(
+      f"Generated by deconvnet_jax.data.generated (seed {seed}): classes "
+      + ", ".join(VOC_CLASSES[c] for c in CLASSES) + "\n")
+  return root
+
+
+def main():
+  parser = argparse.ArgumentParser(description="Write the generated VOC-layout dataset.")
+  parser.add_argument("root")
+  parser.add_argument("--train", type=int, default=200)
+  parser.add_argument("--val", type=int, default=50)
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args()
+  print(f"wrote {generate(args.root, args.train, args.val, args.seed)}")
+
+
+if __name__ == "__main__":
+  main()
