@@ -1,0 +1,54 @@
+"""Host-side batches: random crops with flips for training, padded full images for evaluation."""
+
+import numpy as np
+
+from deconvnet_jax.data.voc import VOID, Example
+from deconvnet_jax.normalization import normalize
+
+
+def random_crop(ex: Example, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+  """A size x size crop (image padded with zeros after normalisation, labels with 255) + flip."""
+  h, w = ex.label.shape
+  ph, pw = max(size - h, 0), max(size - w, 0)
+  top = rng.integers(-ph, max(h - size, 0) + 1)  # negative: the crop reaches past the border
+  left = rng.integers(-pw, max(w - size, 0) + 1)
+  image = np.zeros((size, size, 3), np.uint8)
+  label = np.full((size, size), VOID, np.uint8)
+  ys, xs = slice(max(top, 0), min(top + size, h)), slice(max(left, 0), min(left + size, w))
+  dst = (slice(ys.start - top, ys.stop - top), slice(xs.start - left, xs.stop - left))
+  image[dst], label[dst] = ex.image[ys, xs], ex.label[ys, xs]
+  valid = np.zeros((size, size), bool)
+  valid[dst] = True
+  if rng.random() < 0.5:
+    image, label, valid = image[:, ::-1], label[:, ::-1], valid[:, ::-1]
+  return image, label, valid
+
+
+def train_batches(examples: list[Example], batch_size: int, crop: int, norm: str, seed: int):
+  """Endless {"image": [B, crop, crop, 3] float32, "label": [B, crop, crop] int32} batches."""
+  rng = np.random.default_rng(seed)
+  while True:
+    picks = rng.integers(len(examples), size=batch_size)
+    crops = [random_crop(examples[i], crop, rng) for i in picks]
+    image = np.stack([normalize(c[0], norm) * c[2][..., None] for c in crops])
+    label = np.stack([c[1] for c in crops]).astype(np.int32)
+    yield {"image": image, "label": label}
+
+
+def padded_eval_batches(examples: list[Example], batch_size: int, norm: str, multiple: int = 32):
+  """Full images padded (bottom / right) to one shape, so evaluation compiles once.
+
+  Yields (images [B, S, S, 3] float32, labels [B, S, S] int32 with 255 on padding); the
+  last batch is padded with all-void images.
+  """
+  side = max(max(ex.label.shape) for ex in examples)
+  side = -(-side // multiple) * multiple
+  for start in range(0, len(examples), batch_size):
+    chunk = examples[start:start + batch_size]
+    images = np.zeros((batch_size, side, side, 3), np.float32)
+    labels = np.full((batch_size, side, side), VOID, np.int32)
+    for i, ex in enumerate(chunk):
+      h, w = ex.label.shape
+      images[i, :h, :w] = normalize(ex.image, norm)
+      labels[i, :h, :w] = ex.label
+    yield images, labels
