@@ -36,18 +36,26 @@ SCRIPT = textwrap.dedent("""
              "label": rng.integers(0, 21, size=(8, 64, 64)).astype(np.int32)}
     tx = training.make_optimizer(training.OptimConfig(learning_rate=0.1))
     results = []
-    for devices in (jax.devices()[:1], jax.devices()):
+    # (devices, batch order): the reversed order on one device measures float32
+    # reduction-order noise, the bound for the 8-device run.
+    for devices, order in ((jax.devices()[:1], slice(None)), (jax.devices()[:1], slice(None, None, -1)),
+                           (jax.devices(), slice(None))):
       mesh = training.make_mesh(devices)
       graphdef, state = training.init_train_state(build_model(configs.model_config("small")), tx)
+      before = jax.tree.map(np.asarray, state.params)
       step = training.jit_train_step(graphdef, tx, mesh)
-      state = training.replicate(state, mesh)
-      for _ in range(2):
-        state, metrics = step(state, batch)
-      results.append((float(metrics["loss"]), jax.tree.map(np.asarray, (state.params, state.batch_stats))))
-    (loss1, tree1), (loss8, tree8) = results
-    np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(tree1), jax.tree.leaves(tree8)):
-      np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+      state, metrics = step(training.replicate(state, mesh), {k: v[order] for k, v in batch.items()})
+      update = jax.tree.map(lambda new, old: np.asarray(new) - old, state.params, before)
+      results.append((float(metrics["loss"]), update, jax.tree.map(np.asarray, state.batch_stats)))
+    (loss1, update1, stats1), (_, noise, _), (loss8, update8, stats8) = results
+    np.testing.assert_allclose(loss8, loss1, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(stats1), jax.tree.leaves(stats8)):
+      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    # Biases before BatchNorm have zero true gradient and the BN parameters'
+    # gradients are ill-conditioned, so reordering alone moves them by ~2%;
+    # the 8-device update must stay within a few times that noise everywhere.
+    for a, n, b in zip(jax.tree.leaves(update1), jax.tree.leaves(noise), jax.tree.leaves(update8)):
+      assert np.linalg.norm(b - a) <= 5 * np.linalg.norm(n - a) + 1e-4 * np.linalg.norm(a) + 1e-9, a.shape
     print("OK", loss1, loss8)
 """)
 
@@ -58,5 +66,5 @@ def test_step_on_8_devices_equals_1_device():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True,
                        text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
   assert out.stdout.startswith("OK")
