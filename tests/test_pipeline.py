@@ -35,7 +35,7 @@ def test_batches_have_fixed_shapes_and_the_normalisation():
   assert batch["image"].shape == (3, 32, 32, 3) and batch["image"].dtype == np.float32
   assert batch["label"].shape == (3, 32, 32) and batch["label"].dtype == np.int32
   batches = list(padded_eval_batches([ex, coded_example(70, 20), ex], 2, "torchvision_rgb"))
-  assert [b[0].shape for b in batches] == [(2, 96, 96, 3)] * 2
-  np.testing.assert_array_equal(denormalize(batches[0][0][1, :70, :20], "torchvision_rgb"),
+  assert [b[0].shape for b in batches] == [(2, 64, 32, 3), (2, 96, 32, 3)]
+  np.testing.assert_array_equal(denormalize(batches[1][0][0, :70, :20], "torchvision_rgb"),
                                 coded_example(70, 20).image)
-  assert np.all(batches[1][1][1] == 255)  # the padding image is all void
+  assert np.all(batches[1][1][0, 70:] == 255) and np.all(batches[1][1][1] == 255)  # padding is void

@@ -36,19 +36,22 @@ def train_batches(examples: list[Example], batch_size: int, crop: int, norm: str
 
 
 def padded_eval_batches(examples: list[Example], batch_size: int, norm: str, multiple: int = 32):
-  """Full images padded (bottom / right) to one shape, so evaluation compiles once.
+  """Full images, grouped by size rounded up to `multiple` and padded (bottom / right) to it.
 
-  Yields (images [B, S, S, 3] float32, labels [B, S, S] int32 with 255 on padding); the
-  last batch is padded with all-void images.
+  Few distinct shapes, so evaluation compiles a few times at most, and little
+  padding that training never saw. Yields (images [B, H, W, 3] float32, labels
+  [B, H, W] int32 with 255 on padding); short batches are filled with void images.
   """
-  side = max(max(ex.label.shape) for ex in examples)
-  side = -(-side // multiple) * multiple
-  for start in range(0, len(examples), batch_size):
-    chunk = examples[start:start + batch_size]
-    images = np.zeros((batch_size, side, side, 3), np.float32)
-    labels = np.full((batch_size, side, side), VOID, np.int32)
-    for i, ex in enumerate(chunk):
-      h, w = ex.label.shape
-      images[i, :h, :w] = normalize(ex.image, norm)
-      labels[i, :h, :w] = ex.label
-    yield images, labels
+  bucket = lambda ex: tuple(-(-n // multiple) * multiple for n in ex.label.shape)
+  groups: dict[tuple[int, int], list[Example]] = {}
+  for ex in examples:
+    groups.setdefault(bucket(ex), []).append(ex)
+  for (side_h, side_w), group in sorted(groups.items()):
+    for start in range(0, len(group), batch_size):
+      images = np.zeros((batch_size, side_h, side_w, 3), np.float32)
+      labels = np.full((batch_size, side_h, side_w), VOID, np.int32)
+      for i, ex in enumerate(group[start:start + batch_size]):
+        h, w = ex.label.shape
+        images[i, :h, :w] = normalize(ex.image, norm)
+        labels[i, :h, :w] = ex.label
+      yield images, labels
