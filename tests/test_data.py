@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deconvnet_jax.data.generated import CLASSES, generate, palette_image
+from deconvnet_jax.data.generated import CLASSES, generate
+from deconvnet_jax.viz import palette_image
 from deconvnet_jax.data.voc import DataError, read_example, read_split, voc_colormap
 
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from deconvnet_jax.data.pipeline import padded_eval_batches, random_crop, train_batches
+from deconvnet_jax.data.pipeline import padded_eval_batches, random_crop, train_batch
 from deconvnet_jax.data.voc import Example
 from deconvnet_jax.normalization import denormalize
 
@@ -31,7 +31,9 @@ def test_random_crop_keeps_pixels_and_labels_together():
 
 def test_batches_have_fixed_shapes_and_the_normalisation():
   ex = coded_example(40, 30)
-  batch = next(train_batches([ex], 3, 32, "caffe_bgr", seed=0))
+  batch = train_batch([ex, coded_example(50, 50)], 7, 3, 32, "caffe_bgr", seed=0)
+  again = train_batch([ex, coded_example(50, 50)], 7, 3, 32, "caffe_bgr", seed=0)
+  np.testing.assert_array_equal(batch["image"], again["image"])  # a function of (seed, step)
   assert batch["image"].shape == (3, 32, 32, 3) and batch["image"].dtype == np.float32
   assert batch["label"].shape == (3, 32, 32) and batch["label"].dtype == np.int32
   batches = list(padded_eval_batches([ex, coded_example(70, 20), ex], 2, "torchvision_rgb"))

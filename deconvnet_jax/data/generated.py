@@ -7,14 +7,14 @@ no dataset at hand, and is what the tests learn on.
 """
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from deconvnet_jax.data.voc import VOC_CLASSES, VOID, voc_colormap
+from deconvnet_jax.data.voc import VOC_CLASSES, VOID
+from deconvnet_jax.images import save_atomic
+from deconvnet_jax.viz import palette_image
 
 # class index (VOC numbering) -> (shape, base RGB colour)
 SHAPES = {
@@ -109,26 +109,12 @@ def make_example(rng, min_size: int = 96, max_size: int = 176, max_objects: int 
   return image, label, instances
 
 
-def _save_atomic(image: Image.Image, path: Path, **kwargs):
-  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
-  os.close(fd)
-  try:
-    image.save(tmp, **kwargs)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+def generate(root, num_train: int = 200, num_val: int = 50, seed: int = 0,
+             image_size: tuple[int, int] = (96, 176)) -> Path:
+  """Writes the dataset under root (VOC layout) and returns root. Existing files are rewritten.
 
-
-def palette_image(mask: np.ndarray) -> Image.Image:
-  """[H, W] uint8 indices as a VOC-palette PNG image (values kept, colours for viewers)."""
-  im = Image.fromarray(mask)  # mode L; putpalette turns it into P without touching values
-  im.putpalette(voc_colormap().reshape(-1).tolist())
-  return im
-
-
-def generate(root, num_train: int = 200, num_val: int = 50, seed: int = 0) -> Path:
-  """Writes the dataset under root (VOC layout) and returns root. Existing files are rewritten."""
+  image_size: (min, max) side in pixels.
+  """
   root = Path(root)
   dirs = {d: root / d for d in ("JPEGImages", "SegmentationClass", "SegmentationObject")}
   splits_dir = root / "ImageSets" / "Segmentation"
@@ -137,10 +123,10 @@ def generate(root, num_train: int = 200, num_val: int = 50, seed: int = 0) -> Pa
   rng = np.random.default_rng(seed)
   ids = [f"gen_{i:05d}" for i in range(num_train + num_val)]
   for image_id in ids:
-    image, label, instances = make_example(rng)
-    _save_atomic(Image.fromarray(image), dirs["JPEGImages"] / f"{image_id}.jpg", quality=95)
-    _save_atomic(palette_image(label), dirs["SegmentationClass"] / f"{image_id}.png")
-    _save_atomic(palette_image(instances), dirs["SegmentationObject"] / f"{image_id}.png")
+    image, label, instances = make_example(rng, *image_size)
+    save_atomic(Image.fromarray(image), dirs["JPEGImages"] / f"{image_id}.jpg", quality=95)
+    save_atomic(palette_image(label), dirs["SegmentationClass"] / f"{image_id}.png")
+    save_atomic(palette_image(instances), dirs["SegmentationObject"] / f"{image_id}.png")
   splits = {"train": ids[:num_train], "val": ids[num_train:], "trainval": ids}
   for name, members in splits.items():
     (splits_dir / f"{name}.txt").write_text("".join(f"{i}\n" for i in members))

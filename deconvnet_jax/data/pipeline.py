@@ -24,15 +24,19 @@ def random_crop(ex: Example, size: int, rng: np.random.Generator) -> tuple[np.nd
   return image, label, valid
 
 
-def train_batches(examples: list[Example], batch_size: int, crop: int, norm: str, seed: int):
-  """Endless {"image": [B, crop, crop, 3] float32, "label": [B, crop, crop] int32} batches."""
-  rng = np.random.default_rng(seed)
-  while True:
-    picks = rng.integers(len(examples), size=batch_size)
-    crops = [random_crop(examples[i], crop, rng) for i in picks]
-    image = np.stack([normalize(c[0], norm) * c[2][..., None] for c in crops])
-    label = np.stack([c[1] for c in crops]).astype(np.int32)
-    yield {"image": image, "label": label}
+def train_batch(examples: list[Example], step: int, batch_size: int, crop: int, norm: str,
+                seed: int) -> dict:
+  """Batch number `step`: {"image": [B, crop, crop, 3] float32, "label": [B, crop, crop] int32}.
+
+  A pure function of (seed, step), so a resumed run continues with the batches
+  the interrupted one would have seen.
+  """
+  rng = np.random.default_rng([seed, step])
+  picks = rng.integers(len(examples), size=batch_size)
+  crops = [random_crop(examples[i], crop, rng) for i in picks]
+  image = np.stack([normalize(c[0], norm) * c[2][..., None] for c in crops])
+  label = np.stack([c[1] for c in crops]).astype(np.int32)
+  return {"image": image, "label": label}
 
 
 def padded_eval_batches(examples: list[Example], batch_size: int, norm: str, multiple: int = 32):

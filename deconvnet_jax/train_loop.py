@@ -1,0 +1,160 @@
+"""The training loop behind train.py: data, sharded steps, evaluation, checkpoints, resume."""
+
+import dataclasses
+import json
+import signal
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from deconvnet_jax import checkpoints, configs, metrics, training
+from deconvnet_jax.data import generated, pipeline, voc
+from deconvnet_jax.models import build_model, get_variables, set_variables
+
+DEFAULT_DATA = Path("data/generated")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything a run depends on; train.py fills it from the command line."""
+
+  model: configs.ModelConfig = configs.MODELS["small"]
+  model_name: str = "small"
+  data: Path | None = None  # VOC-layout folder; None: the generated dataset
+  train_split: str = "train"
+  val_split: str = "val"
+  steps: int = 300
+  batch_size: int = 8  # global, split over all devices
+  crop: int = 128
+  optim: training.OptimConfig = training.OptimConfig()
+  eval_every: int = 100
+  save_every: int = 100
+  keep: int = 3
+  seed: int = 0
+  workdir: Path = Path("runs/default")
+  init_from: Path | None = None  # a checkpoint whose variables start this run (fresh optimizer)
+
+
+def resolve_data(cfg: TrainConfig) -> Path:
+  if cfg.data is not None:
+    return cfg.data
+  if not (DEFAULT_DATA / "ImageSets").exists():
+    print(f"No --data given: writing the generated dataset to {DEFAULT_DATA} ...")
+    generated.generate(DEFAULT_DATA)
+  print(f"No --data given: training on the generated dataset in {DEFAULT_DATA} "
+        "(5 shape classes; pass --data VOCdevkit/VOC2012 for VOC).")
+  return DEFAULT_DATA
+
+
+def load_split(root: Path, split: str, num_classes: int) -> list[voc.Example]:
+  ids = voc.read_split(root, split)
+  return [voc.read_example(root, i, num_classes) for i in tqdm(ids, desc=f"reading {split}", leave=False)]
+
+
+def evaluate(forward, state, examples, batch_size: int, norm: str, num_classes: int) -> dict:
+  """Full-image mIoU over `examples` with BatchNorm's stored statistics."""
+  conf = np.zeros((num_classes, num_classes), np.int64)
+  for images, labels in pipeline.padded_eval_batches(examples, batch_size, norm):
+    pred = np.asarray(forward(state.params, state.batch_stats, images)).argmax(-1)
+    conf += metrics.confusion_matrix(labels, pred, num_classes)
+  ious = metrics.iou_per_class(conf)
+  return {"val_miou": metrics.mean_iou(conf), "val_pixel_acc": metrics.pixel_accuracy(conf),
+          "val_iou": [None if np.isnan(x) else round(float(x), 4) for x in ious]}
+
+
+def _variables(state) -> dict:
+  return {"params": nnx.to_pure_dict(state.params), "batch_stats": nnx.to_pure_dict(state.batch_stats)}
+
+
+def run(cfg: TrainConfig) -> dict:
+  """Trains (resuming from cfg.workdir if it holds checkpoints); returns the last metrics."""
+  data = resolve_data(cfg)
+  model_cfg = cfg.model
+  train_set = load_split(data, cfg.train_split, model_cfg.num_classes)
+  val_set = load_split(data, cfg.val_split, model_cfg.num_classes)
+
+  mesh = training.make_mesh()
+  if cfg.batch_size % mesh.size:
+    raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of the {mesh.size} devices")
+  tx = training.make_optimizer(cfg.optim)
+  model = build_model(model_cfg, cfg.seed)
+  ckpt = checkpoints.Checkpoints(cfg.workdir, cfg.keep)
+  start_step = ckpt.latest_step() or 0
+  if cfg.init_from is not None and not start_step:
+    variables, meta = checkpoints.restore_variables(cfg.init_from)
+    set_variables(model, variables, source=str(cfg.init_from))
+    print(f"initialised from {cfg.init_from} (step {meta.get('step')}); fresh optimizer")
+  graphdef, state = training.init_train_state(model, tx)
+  del model
+  state = training.replicate(state, mesh)
+  if start_step:
+    variables, train, _ = ckpt.restore(start_step, _variables(state), {"opt_state": state.opt_state,
+                                                                       "step": state.step})
+    params, stats = state.params, state.batch_stats
+    nnx.replace_by_pure_dict(params, variables["params"])
+    nnx.replace_by_pure_dict(stats, variables["batch_stats"])
+    state = training.replicate(training.TrainState(params, stats, train["opt_state"], train["step"]), mesh)
+    print(f"resuming from {cfg.workdir / 'checkpoints' / str(start_step)}")
+
+  step_fn = training.jit_train_step(graphdef, tx, mesh)
+  forward = training.jit_eval_logits(graphdef, mesh)
+  meta = checkpoints.model_meta(model_cfg, voc.VOC_CLASSES[:model_cfg.num_classes],
+                                train_config=_jsonable(cfg))
+  cfg.workdir.mkdir(parents=True, exist_ok=True)
+  (cfg.workdir / "config.json").write_text(json.dumps(meta, indent=2))
+  log = open(cfg.workdir / "metrics.jsonl", "a", encoding="utf-8")
+  print(f"{len(train_set)} train / {len(val_set)} val images; model {cfg.model_name}; "
+        f"{mesh.size} {jax.devices()[0].platform} device(s); work dir {cfg.workdir}")
+
+  interrupted = []
+  previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+  record: dict = {}
+  step = start_step
+  bar = tqdm(total=cfg.steps, initial=start_step, desc="train", dynamic_ncols=True)
+  t0, done0 = time.perf_counter(), start_step
+  try:
+    while step < cfg.steps and not interrupted:
+      batch = pipeline.train_batch(train_set, step, cfg.batch_size, cfg.crop, model_cfg.input_norm, cfg.seed)
+      state, m = step_fn(state, batch)
+      step += 1
+      bar.update(1)
+      last = step == cfg.steps
+      if step % 10 == 0 or last or step % cfg.save_every == 0:
+        loss = float(m["loss"])
+        if not np.isfinite(loss):
+          raise SystemExit(f"step {step}: loss is {loss}; stopped. The last good checkpoint is in "
+                           f"{cfg.workdir / 'checkpoints'}; lower the learning rate (--lr) and resume.")
+        rate = (step - done0) * cfg.batch_size / (time.perf_counter() - t0)
+        bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.1f}")
+        record = {"step": step, "loss": loss, "accuracy": float(m["accuracy"]), "img_per_s": rate}
+        if step % cfg.eval_every == 0 or last:
+          record |= evaluate(forward, state, val_set, cfg.batch_size, model_cfg.input_norm,
+                             model_cfg.num_classes)
+          bar.write(f"step {step}: loss {loss:.3f}, val mIoU {record['val_miou']:.3f}")
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+      if step % cfg.save_every == 0 or last or interrupted:
+        _save(ckpt, state, step, meta, record)
+    if interrupted:
+      print(f"\ninterrupted: saved step {step} in {cfg.workdir / 'checkpoints'}; run again to resume")
+  finally:
+    signal.signal(signal.SIGINT, previous)
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+    log.close()
+  return record
+
+
+def _save(ckpt, state, step, meta, record):
+  metric = record.get("val_miou") if record.get("step") == step else None
+  ckpt.save(step, _variables(state), {"opt_state": state.opt_state, "step": state.step},
+            meta | {"step": step, "metrics": record if metric is not None else {}}, metric)
+
+
+def _jsonable(cfg: TrainConfig) -> dict:
+  return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))

@@ -1,0 +1,126 @@
+"""train.py and infer.py end to end on tiny generated data: checkpoints, resume, outputs, bad files."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import infer
+import train
+from deconvnet_jax import checkpoints
+from deconvnet_jax.configs import model_config
+from deconvnet_jax.data.generated import generate
+from deconvnet_jax.models import build_model, get_variables
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  return generate(tmp_path_factory.mktemp("gen"), num_train=8, num_val=4, seed=1, image_size=(64, 64))
+
+
+def run_train(data, workdir, steps, **flags):
+  argv = ["--data", str(data), "--workdir", str(workdir), "--steps", str(steps), "--crop", "64",
+          "--batch-size", "2", "--eval-every", "4", "--save-every", "2"]
+  for key, value in flags.items():
+    argv += [f"--{key.replace('_', '-')}", str(value)]
+  assert train.main(argv) == 0
+
+
+def test_resumed_run_equals_uninterrupted_run(data, tmp_path):
+  run_train(data, tmp_path / "a", 4)
+  run_train(data, tmp_path / "b", 2)
+  run_train(data, tmp_path / "b", 4)  # resumes from step 2
+  a, meta_a = checkpoints.restore_variables(tmp_path / "a" / "checkpoints")
+  b, meta_b = checkpoints.restore_variables(tmp_path / "b" / "checkpoints")
+  assert meta_a["step"] == meta_b["step"] == 4
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [2, 4]  # nothing repeated, nothing lost
+  assert "val_miou" in records[-1] and len(records[-1]["val_iou"]) == 21
+  # keep=3 latest; best holds the best val mIoU
+  assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+  assert [p.name for p in (tmp_path / "a" / "best").iterdir() if p.name.isdigit()] == ["4"]
+
+
+def test_checkpoints_keep_latest_and_best_apart(tmp_path):
+  ckpt = checkpoints.Checkpoints(tmp_path, keep=2)
+  variables = {"params": {"w": np.ones(3, np.float32)}, "batch_stats": {}}
+  for step, miou in [(1, 0.5), (2, 0.9), (3, 0.4), (4, 0.3)]:
+    ckpt.save(step, variables, {"step": np.int32(step)}, {"step": step, "metrics": {"val_miou": miou}}, miou)
+  ckpt.wait()
+  assert ckpt.latest.all_steps() == [3, 4] and ckpt.best.all_steps() == [2]
+  ckpt.close()
+  assert checkpoints.read_meta(tmp_path)["step"] == 2  # a work dir resolves to its best
+  assert checkpoints.read_meta(tmp_path / "checkpoints")["step"] == 4
+  with pytest.raises(checkpoints.CheckpointError, match="no checkpoint found"):
+    checkpoints.read_meta(tmp_path / "nothing")
+
+
+def test_load_model_gives_the_trained_network_and_rejects_mismatch(data, tmp_path):
+  run_train(data, tmp_path, 2)
+  model, meta = checkpoints.load_model(tmp_path)
+  assert meta["input_norm"] == "caffe_bgr" and meta["class_names"][0] == "background"
+  variables, _ = checkpoints.restore_variables(tmp_path)
+  for x, y in zip(jax.tree.leaves(variables), jax.tree.leaves(get_variables(model))):
+    np.testing.assert_array_equal(x, np.asarray(y))
+  other = build_model(model_config("small", num_classes=5))
+  with pytest.raises(ValueError, match=r"score/bias has shape \(21,\), the model expects \(5,\)"):
+    from deconvnet_jax.models import set_variables  # pylint: disable=import-outside-toplevel
+    set_variables(other, variables, source=str(tmp_path))
+
+
+def write_bad_and_odd_images(folder, good):
+  """One of each kind a user's folder may hold; returns the names expected to fail."""
+  rgb = np.asarray(Image.open(good))
+  Image.fromarray(rgb).convert("L").save(folder / "gray.png")
+  Image.fromarray(rgb).convert("RGBA").save(folder / "rgba.png")
+  Image.fromarray(rgb).convert("P").save(folder / "palette.png")
+  Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+  Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(folder / "sixteen.png")
+  Image.fromarray(rgb[:20, :30]).save(folder / "tiny.png")
+  rotated = Image.fromarray(rgb[:, :40])
+  exif = rotated.getexif()
+  exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise when shown
+  rotated.save(folder / "exif.jpg", exif=exif)
+  (folder / "notes.jpg").write_text("not an image")
+  (folder / "cut.jpg").write_bytes(good.read_bytes()[:300])
+  return {"notes.jpg", "cut.jpg"}
+
+
+def test_infer_on_a_folder_writes_outputs_and_reports_bad_files(data, tmp_path, capsys):
+  run_train(data, tmp_path / "run", 2)
+  folder = tmp_path / "photos"
+  folder.mkdir()
+  good = sorted((data / "JPEGImages").glob("*.jpg"))[:2]
+  for path in good:
+    (folder / path.name).write_bytes(path.read_bytes())
+  bad = write_bad_and_odd_images(folder, good[0])
+  out = tmp_path / "out"
+  status = infer.main(["--checkpoint", str(tmp_path / "run"), "--input", str(folder),
+                       "--output", str(out), "--save-prob"])
+  assert status == 1  # some files failed
+  err = capsys.readouterr().err
+  for name in bad:
+    assert f"{name}: not a readable image" in err
+  ok = sorted(p.stem for p in folder.iterdir() if p.name not in bad)
+  assert sorted(p.stem for p in out.glob("*.png")) == ok
+  for stem in ok:
+    label = Image.open(out / f"{stem}.png")
+    assert label.mode == "P"
+    source = infer.load_rgb(folder / next(p.name for p in folder.iterdir() if p.stem == stem))
+    assert label.size == (source.shape[1], source.shape[0])
+    assert np.asarray(label).max() < 21
+    prob = np.load(out / f"{stem}_prob.npy")
+    assert prob.shape == (*source.shape[:2], 21)
+    np.testing.assert_allclose(prob.astype(np.float32).sum(-1), 1.0, atol=1e-2)
+    assert (out / f"{stem}_overlay.jpg").exists()
+  assert Image.open(out / "exif.png").size == (64, 40)  # rotated upright before segmenting
+  assert not list(out.glob(".tmp-*"))
+  # A second run skips what exists unless --overwrite.
+  infer.main(["--checkpoint", str(tmp_path / "run"), "--input", str(folder), "--output", str(out)])
+  assert f"0 segmented, {len(ok)} skipped" in capsys.readouterr().out
+  assert infer.main(["--input", str(folder), "--output", str(out)]) == 2  # no checkpoint: says how
+  assert "python train.py" in capsys.readouterr().err
