@@ -1,15 +1,20 @@
-"""PASCAL VOC 2012 layout: class names, palette, split files and per-image records.
+"""PASCAL VOC 2012 and SBD layouts: class names, palette, split files and per-image records.
 
 Reads an extracted `VOC2012` folder (or any folder in its layout, such as the
 generated dataset): JPEGImages/ID.jpg, SegmentationClass/ID.png and
 SegmentationObject/ID.png (palette PNGs whose pixel values are indices, 255 =
-void) and ImageSets/Segmentation/SPLIT.txt.
+void) and ImageSets/Segmentation/SPLIT.txt. Reads SBD's
+`benchmark_RELEASE/dataset` folder the same way: img/ID.jpg, cls/ID.mat (struct
+GTcls, field Segmentation: class indices, no void), inst/ID.mat (GTinst:
+Segmentation holds instance ids, Categories the class of each) and
+{train,val}.txt. Both give the same `Example`; `train_aug_ids` joins them.
 """
 
 import dataclasses
 from pathlib import Path
 
 import numpy as np
+import scipy.io
 from PIL import Image
 
 VOC_CLASSES = (
@@ -49,6 +54,11 @@ class DataError(ValueError):
   """A dataset file is missing or wrong; the message names it."""
 
 
+def image_file(source: str, root, image_id: str) -> Path:
+  """Where an image's JPEG lives in a VOC2012 folder (source "voc") or an SBD dataset folder ("sbd")."""
+  return Path(root) / {"voc": "JPEGImages", "sbd": "img"}[source] / f"{image_id}.jpg"
+
+
 def read_split(root, split: str) -> list[str]:
   """Image ids listed in ImageSets/Segmentation/SPLIT.txt."""
   path = Path(root) / "ImageSets" / "Segmentation" / f"{split}.txt"
@@ -70,10 +80,22 @@ def read_index_png(path: Path, num_classes: int | None = None) -> np.ndarray:
                       "holding class indices; convert colours back to indices first")
     mask = np.asarray(im)
   if num_classes is not None:
-    bad = np.unique(mask[(mask >= num_classes) & (mask != VOID)])
-    if bad.size:
-      raise DataError(f"{path}: class indices {bad.tolist()} outside 0..{num_classes - 1} (and 255 void)")
+    check_classes(mask, num_classes, path)
   return mask
+
+
+def check_classes(label: np.ndarray, num_classes: int, where) -> None:
+  """Refuses class indices outside 0..num_classes-1 other than 255 (void)."""
+  bad = np.unique(label[(label >= num_classes) & (label != VOID)])
+  if bad.size:
+    raise DataError(f"{where}: class indices {bad.tolist()} outside 0..{num_classes - 1} (and 255 void)")
+
+
+def check_size(mask: np.ndarray, image: np.ndarray, where) -> None:
+  """Refuses a mask whose size differs from its image's."""
+  if mask.shape != image.shape[:2]:
+    raise DataError(f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                    f"{image.shape[1]}x{image.shape[0]}")
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -86,13 +108,24 @@ def read_image(path: Path) -> np.ndarray:
     raise DataError(f"{path}: cannot decode image: {e}") from e
 
 
-def instance_boxes(label: np.ndarray, instances: np.ndarray, where="") -> tuple[np.ndarray, np.ndarray]:
-  """Tight box and majority class of each instance id 1..N."""
+def instance_boxes(label: np.ndarray, instances: np.ndarray, where="",
+                   categories: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Tight box and class of each instance id 1..N present in `instances`.
+
+  The class is categories[id - 1] when given (SBD's GTinst.Categories), else the
+  instance's majority class in `label` (VOC).
+  """
   ids = [i for i in np.unique(instances) if 0 < i < VOID]
+  if categories is not None and ids and ids[-1] > len(categories):
+    raise DataError(f"{where}: instance id {ids[-1]} in Segmentation but only "
+                    f"{len(categories)} Categories")
   boxes, classes = [], []
   for i in ids:
     ys, xs = np.nonzero(instances == i)
     boxes.append((ys.min(), xs.min(), ys.max() + 1, xs.max() + 1))
+    if categories is not None:
+      classes.append(categories[i - 1])
+      continue
     cls = label[ys, xs]
     cls = cls[(cls != 0) & (cls != VOID)]
     if cls.size == 0:
@@ -104,14 +137,100 @@ def instance_boxes(label: np.ndarray, instances: np.ndarray, where="") -> tuple[
 def read_example(root, image_id: str, num_classes: int = len(VOC_CLASSES)) -> Example:
   """The image, class mask, instance mask and per-instance boxes / classes of one id."""
   root = Path(root)
-  image = read_image(root / "JPEGImages" / f"{image_id}.jpg")
+  image = read_image(image_file("voc", root, image_id))
   label_path = root / "SegmentationClass" / f"{image_id}.png"
   label = read_index_png(label_path, num_classes)
   object_path = root / "SegmentationObject" / f"{image_id}.png"
   instances = read_index_png(object_path) if object_path.exists() else np.zeros_like(label)
   for path, mask in ((label_path, label), (object_path, instances)):
-    if mask.shape != image.shape[:2]:
-      raise DataError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                      f"{image.shape[1]}x{image.shape[0]}")
+    check_size(mask, image, path)
   boxes, classes = instance_boxes(label, instances, object_path)
   return Example(image_id, image, label, instances, boxes, classes)
+
+
+def sbd_folder(root) -> Path:
+  """SBD's folder holding img/, cls/, inst/: root itself, or root/dataset when given benchmark_RELEASE."""
+  root = Path(root)
+  return root / "dataset" if not (root / "cls").is_dir() and (root / "dataset").is_dir() else root
+
+
+def read_sbd_split(root, split: str) -> list[str]:
+  """Image ids listed in SBD's SPLIT.txt (train or val)."""
+  root = sbd_folder(root)
+  if not root.is_dir():
+    raise DataError(f"{root}: no such SBD folder (expected benchmark_RELEASE/dataset)")
+  path = root / f"{split}.txt"
+  if not path.is_file():
+    raise DataError(f"{path}: SBD split file not found "
+                    "(expected benchmark_RELEASE/dataset/{train,val}.txt)")
+  return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_mat_struct(path: Path, struct: str, fields: tuple[str, ...]) -> list:
+  """The named fields of a scalar struct in a MATLAB v5 .mat file."""
+  if not path.is_file():
+    raise DataError(f"{path}: annotation file not found")
+  try:
+    mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
+  except Exception as e:  # loadmat raises anything from IndexError to OSError on a damaged file
+    raise DataError(f"{path}: cannot read as a MATLAB .mat file: {type(e).__name__}: {e}") from e
+  value = mat.get(struct)
+  if not isinstance(value, scipy.io.matlab.mat_struct):
+    held = sorted(k for k in mat if not k.startswith("__"))
+    raise DataError(f"{path}: no struct {struct} in the file (variables here: {held or 'none'})")
+  missing = [f for f in fields if f not in value._fieldnames]
+  if missing:
+    raise DataError(f"{path}: struct {struct} has no field {', '.join(missing)} "
+                    f"(fields here: {', '.join(value._fieldnames)})")
+  return [getattr(value, f) for f in fields]
+
+
+def mat_mask(value, where) -> np.ndarray:
+  """A .mat field as an [H, W] uint8 index mask; anything but integers 0..255 is refused."""
+  mask = np.asarray(value)
+  if (mask.ndim != 2 or mask.dtype.kind not in "uif"
+      or mask.size and (mask.min() < 0 or mask.max() > 255 or np.any(mask != np.round(mask)))):
+    raise DataError(f"{where}: expected a 2-D array of integers 0..255, got {mask.dtype} {mask.shape}")
+  return mask.astype(np.uint8)
+
+
+def read_sbd_example(root, image_id: str, num_classes: int = len(VOC_CLASSES)) -> Example:
+  """An SBD image as an `Example`: GTcls.Segmentation, GTinst.Segmentation, boxes, GTinst.Categories."""
+  root = sbd_folder(root)
+  image = read_image(image_file("sbd", root, image_id))
+  cls_path = root / "cls" / f"{image_id}.mat"
+  (segmentation,) = read_mat_struct(cls_path, "GTcls", ("Segmentation",))
+  label = mat_mask(segmentation, f"{cls_path}: GTcls.Segmentation")
+  check_classes(label, num_classes, cls_path)
+  inst_path = root / "inst" / f"{image_id}.mat"
+  segmentation, categories = read_mat_struct(inst_path, "GTinst", ("Segmentation", "Categories"))
+  instances = mat_mask(segmentation, f"{inst_path}: GTinst.Segmentation")
+  categories = np.atleast_1d(np.asarray(categories))  # squeeze_me makes one category a scalar
+  if categories.ndim != 1 or categories.dtype.kind not in "uif" or np.any(
+      (categories < 1) | (categories >= num_classes) | (categories != np.round(categories))):
+    raise DataError(f"{inst_path}: GTinst.Categories must list classes 1..{num_classes - 1}, "
+                    f"got {categories.tolist()}")
+  for path, mask in ((cls_path, label), (inst_path, instances)):
+    check_size(mask, image, path)
+  boxes, classes = instance_boxes(label, instances, inst_path, categories.astype(np.int32))
+  return Example(image_id, image, label, instances, boxes, classes)
+
+
+def read_source_example(source: str, root, image_id: str,
+                        num_classes: int = len(VOC_CLASSES)) -> Example:
+  """One example from a VOC2012 folder (source "voc") or an SBD folder ("sbd")."""
+  readers = {"voc": read_example, "sbd": read_sbd_example}
+  if source not in readers:
+    raise ValueError(f"unknown source {source!r}; expected one of {sorted(readers)}")
+  return readers[source](root, image_id, num_classes)
+
+
+def train_aug_ids(voc_root, sbd_root) -> list[tuple[str, str]]:
+  """The train_aug split as (source, image_id) sorted by id: SBD train + val + VOC train, minus VOC val.
+
+  VOC's annotation is used where both have the image; 10,582 images on the real data.
+  """
+  voc_train, voc_val = set(read_split(voc_root, "train")), set(read_split(voc_root, "val"))
+  sbd = set(read_sbd_split(sbd_root, "train")) | set(read_sbd_split(sbd_root, "val"))
+  items = [("voc", i) for i in voc_train] + [("sbd", i) for i in sbd - voc_train - voc_val]
+  return sorted(items, key=lambda item: item[1])
