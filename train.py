@@ -1,7 +1,10 @@
 """Train DeconvNet on a VOC-layout folder, or on the generated dataset when none is given.
 
-  python train.py                                   # small model, generated data
-  python train.py --data VOCdevkit/VOC2012 --model paper --crop 224 --batch-size 8 --steps 20000
+  python train.py                                   # stage 1, small model, generated data
+  python train.py --stage 1 --data VOCdevkit/VOC2012 --model paper --crop 224 --batch-size 64 \
+      --steps 20000 --lr-decay-steps 9000 --workdir runs/voc_s1
+  python train.py --stage 2 --data VOCdevkit/VOC2012 --model paper --crop 224 --batch-size 64 \
+      --steps 40000 --lr-decay-steps 10000 --init-from runs/voc_s1 --workdir runs/voc_s2
 
 Running again with the same --workdir resumes from its latest checkpoint.
 """
@@ -20,6 +23,11 @@ def parse_args(argv=None) -> train_loop.TrainConfig:
   p.add_argument("--data", type=Path, help="VOC-layout folder (VOC2012, or generated); default: generated data")
   p.add_argument("--train-split", default=d.train_split)
   p.add_argument("--val-split", default=d.val_split)
+  p.add_argument("--stage", type=int, default=d.stage, choices=[0, 1, 2],
+                 help="1: crops around each instance; 2: crops around proposals (IoU >= 0.5 with an "
+                      "instance); 0: random crops of whole images")
+  p.add_argument("--proposals-per-image", type=int, help="stage 2: at most this many examples per image")
+  p.add_argument("--stage2-iou", type=float, default=d.stage2_iou)
   p.add_argument("--model", default=d.model_name, choices=sorted(configs.MODELS),
                  help="named model configuration")
   p.add_argument("--num-classes", type=int, default=21)
@@ -27,7 +35,9 @@ def parse_args(argv=None) -> train_loop.TrainConfig:
                  help="compute dtype (parameters and BatchNorm statistics stay float32)")
   p.add_argument("--steps", type=int, default=d.steps)
   p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, split over all devices")
-  p.add_argument("--crop", type=int, default=d.crop)
+  p.add_argument("--crop", type=int, default=d.crop, help="network input side during training")
+  p.add_argument("--resize", type=int, help="stages 1-2: square resized to this before the random "
+                                            "crop (default crop * 250/224, the paper's 250 for 224)")
   p.add_argument("--lr", type=float, default=d.optim.learning_rate)
   p.add_argument("--lr-decay-steps", type=int, nargs="*", default=[], help="steps where lr is divided by 10")
   p.add_argument("--eval-every", type=int, default=d.eval_every)
@@ -40,7 +50,8 @@ def parse_args(argv=None) -> train_loop.TrainConfig:
   model = configs.model_config(a.model, num_classes=a.num_classes, dtype=a.dtype)
   optim = dataclasses.replace(d.optim, learning_rate=a.lr, decay_steps=tuple(a.lr_decay_steps))
   return train_loop.TrainConfig(
-      model=model, model_name=a.model, data=a.data, train_split=a.train_split, val_split=a.val_split,
+      model=model, model_name=a.model, data=a.data, stage=a.stage, resize=a.resize,
+      proposals_per_image=a.proposals_per_image, stage2_iou=a.stage2_iou, train_split=a.train_split, val_split=a.val_split,
       steps=a.steps, batch_size=a.batch_size, crop=a.crop, optim=optim, eval_every=a.eval_every,
       save_every=a.save_every, keep=a.keep, seed=a.seed, workdir=a.workdir, init_from=a.init_from)
 

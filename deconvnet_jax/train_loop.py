@@ -11,7 +11,8 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from deconvnet_jax import checkpoints, configs, metrics, training
+from deconvnet_jax import checkpoints, configs, metrics, proposals, training
+from deconvnet_jax.data import examples as ex_lib
 from deconvnet_jax.data import generated, pipeline, voc
 from deconvnet_jax.models import build_model, get_variables, set_variables
 
@@ -27,9 +28,13 @@ class TrainConfig:
   data: Path | None = None  # VOC-layout folder; None: the generated dataset
   train_split: str = "train"
   val_split: str = "val"
+  stage: int = 1  # 1: instance-centred crops, 2: proposal crops, 0: random crops of whole images
+  proposals_per_image: int | None = None  # stage 2: keep at most this many per image
+  stage2_iou: float = 0.5
   steps: int = 300
-  batch_size: int = 8  # global, split over all devices
+  batch_size: int = 8  # global, split over all devices and hosts
   crop: int = 128
+  resize: int | None = None  # stages 1-2: the square is resized to this before cropping; None: crop * 250/224
   optim: training.OptimConfig = training.OptimConfig()
   eval_every: int = 100
   save_every: int = 100
@@ -53,6 +58,24 @@ def resolve_data(cfg: TrainConfig) -> Path:
 def load_split(root: Path, split: str, num_classes: int) -> list[voc.Example]:
   ids = voc.read_split(root, split)
   return [voc.read_example(root, i, num_classes) for i in tqdm(ids, desc=f"reading {split}", leave=False)]
+
+
+def training_items(cfg: TrainConfig, examples: list[voc.Example]) -> tuple[int, object]:
+  """(number of items, make_example(item index, rng)) for the configured stage."""
+  norm = cfg.model.input_norm
+  if cfg.stage == 0:
+    return len(examples), lambda i, rng: pipeline.whole_image_example(examples[i], cfg.crop, norm, rng)
+  spec = ex_lib.CropSpec(resize=cfg.resize or round(cfg.crop * 250 / 224), crop=cfg.crop)
+  if cfg.stage == 1:
+    items = ex_lib.stage1_items(examples)
+  else:
+    items = ex_lib.stage2_items(
+        examples, lambda image: proposals.propose(image), cfg.stage2_iou, cfg.proposals_per_image)
+  if not items:
+    raise SystemExit(f"stage {cfg.stage}: no training examples (no instances / no proposal with "
+                     f"IoU >= {cfg.stage2_iou})")
+  print(f"stage {cfg.stage}: {len(items)} examples from {len(examples)} images")
+  return len(items), lambda i, rng: pipeline.crop_example(examples[items[i].index], items[i], spec, norm, rng)
 
 
 def evaluate(forward, state, examples, batch_size: int, norm: str, num_classes: int) -> dict:
@@ -100,6 +123,10 @@ def run(cfg: TrainConfig) -> dict:
     state = training.replicate(training.TrainState(params, stats, train["opt_state"], train["step"]), mesh)
     print(f"resuming from {cfg.workdir / 'checkpoints' / str(start_step)}")
 
+  num_items, make_example = training_items(cfg, train_set)
+  dataset = pipeline.training_dataset(num_items, make_example, cfg.batch_size // jax.process_count(),
+                                      cfg.seed, jax.process_index(), jax.process_count())
+  batches = pipeline.batches_from(dataset, start_step)
   step_fn = training.jit_train_step(graphdef, tx, mesh)
   forward = training.jit_eval_logits(graphdef, mesh)
   meta = checkpoints.model_meta(model_cfg, voc.VOC_CLASSES[:model_cfg.num_classes],
@@ -118,8 +145,7 @@ def run(cfg: TrainConfig) -> dict:
   t0, done0 = time.perf_counter(), start_step
   try:
     while step < cfg.steps and not interrupted:
-      batch = pipeline.train_batch(train_set, step, cfg.batch_size, cfg.crop, model_cfg.input_norm, cfg.seed)
-      state, m = step_fn(state, batch)
+      state, m = step_fn(state, training.global_batch(next(batches), mesh))
       step += 1
       bar.update(1)
       last = step == cfg.steps
@@ -153,7 +179,8 @@ def run(cfg: TrainConfig) -> dict:
 def _save(ckpt, state, step, meta, record):
   metric = record.get("val_miou") if record.get("step") == step else None
   ckpt.save(step, _variables(state), {"opt_state": state.opt_state, "step": state.step},
-            meta | {"step": step, "metrics": record if metric is not None else {}}, metric)
+            meta | {"step": step, "data_position": {"next_batch": step},
+                    "metrics": record if metric is not None else {}}, metric)
 
 
 def _jsonable(cfg: TrainConfig) -> dict:

@@ -108,6 +108,12 @@ def replicate(tree, mesh: Mesh):
   return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
+def global_batch(host_batch: dict, mesh: Mesh) -> dict:
+  """This host's rows of the global batch -> global arrays split over the "data" axis."""
+  sharding = NamedSharding(mesh, P("data"))
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), host_batch)
+
+
 def jit_train_step(graphdef, tx, mesh: Mesh):
   """train_step jitted over `mesh`: state replicated, batch split on its leading axis."""
   replicated = NamedSharding(mesh, P())

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from deconvnet_jax.data.pipeline import padded_eval_batches, random_crop, train_batch
+from deconvnet_jax.data.pipeline import padded_eval_batches, random_crop, training_dataset, whole_image_example
 from deconvnet_jax.data.voc import Example
 from deconvnet_jax.normalization import denormalize
 
@@ -31,8 +31,10 @@ def test_random_crop_keeps_pixels_and_labels_together():
 
 def test_batches_have_fixed_shapes_and_the_normalisation():
   ex = coded_example(40, 30)
-  batch = train_batch([ex, coded_example(50, 50)], 7, 3, 32, "caffe_bgr", seed=0)
-  again = train_batch([ex, coded_example(50, 50)], 7, 3, 32, "caffe_bgr", seed=0)
+  exs = [ex, coded_example(50, 50)]
+  make = lambda i, rng: whole_image_example(exs[i], 32, "caffe_bgr", rng)
+  batch = training_dataset(2, make, 3, seed=0)[7]
+  again = training_dataset(2, make, 3, seed=0)[7]
   np.testing.assert_array_equal(batch["image"], again["image"])  # a function of (seed, step)
   assert batch["image"].shape == (3, 32, 32, 3) and batch["image"].dtype == np.float32
   assert batch["label"].shape == (3, 32, 32) and batch["label"].dtype == np.int32

@@ -1,9 +1,16 @@
 """Host-side batches: random crops with flips for training, padded full images for evaluation."""
 
+from typing import Callable, Iterator
+
+import grain
 import numpy as np
 
+from deconvnet_jax.data.examples import CropSpec, Item, crop_item
 from deconvnet_jax.data.voc import VOID, Example
 from deconvnet_jax.normalization import normalize
+
+
+_ENDLESS = 2**62
 
 
 def random_crop(ex: Example, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -24,19 +31,44 @@ def random_crop(ex: Example, size: int, rng: np.random.Generator) -> tuple[np.nd
   return image, label, valid
 
 
-def train_batch(examples: list[Example], step: int, batch_size: int, crop: int, norm: str,
-                seed: int) -> dict:
-  """Batch number `step`: {"image": [B, crop, crop, 3] float32, "label": [B, crop, crop] int32}.
+def training_dataset(num_items: int, make_example: Callable, batch_size: int, seed: int,
+                     process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """This host's batches: dataset[step] is batch number `step`, a pure function of (seed, step).
 
-  A pure function of (seed, step), so a resumed run continues with the batches
-  the interrupted one would have seen.
+  Items are reshuffled every epoch from the seed; global batch number s holds
+  items s*B .. (s+1)*B - 1 of that endless order (B = batch_size * process_count),
+  and host p builds rows p*batch_size .. (p+1)*batch_size - 1 of it, so a
+  restart at step s continues the epoch exactly, on any number of hosts.
+  make_example(item, rng) -> {"image": [H, W, 3] float32, "label": [H, W] int32}.
   """
-  rng = np.random.default_rng([seed, step])
-  picks = rng.integers(len(examples), size=batch_size)
-  crops = [random_crop(examples[i], crop, rng) for i in picks]
-  image = np.stack([normalize(c[0], norm) * c[2][..., None] for c in crops])
-  label = np.stack([c[1] for c in crops]).astype(np.int32)
-  return {"image": image, "label": label}
+  order = grain.MapDataset.range(num_items).shuffle(seed=seed).repeat()
+  global_batch = batch_size * process_count
+
+  def global_position(j):  # j-th element of this host's stream
+    return (j // batch_size) * global_batch + process_index * batch_size + j % batch_size
+
+  stream = grain.MapDataset.range(0, _ENDLESS).map(lambda j: (global_position(j), order[global_position(j)]))
+  # The crop's randomness follows the element's global position, not the host layout.
+  examples = stream.map(lambda pair: make_example(pair[1], np.random.default_rng([seed, pair[0]])))
+  return examples.batch(batch_size)
+
+
+def batches_from(dataset: grain.MapDataset, start_step: int, threads: int = 8) -> Iterator[dict]:
+  """Batches start_step, start_step + 1, ... decoded and cropped by `threads` host threads."""
+  options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
+  return iter(dataset[start_step:].to_iter_dataset(options))
+
+
+def crop_example(ex: Example, item: Item, spec: CropSpec, norm: str, rng) -> dict:
+  """A stage-1/2 item as a network example (padding zeroed after normalisation)."""
+  image, label, valid = crop_item(ex, item, spec, rng)
+  return {"image": normalize(image, norm) * valid[..., None], "label": label.astype(np.int32)}
+
+
+def whole_image_example(ex: Example, crop: int, norm: str, rng) -> dict:
+  """A random crop of a whole image at its own scale."""
+  image, label, valid = random_crop(ex, crop, rng)
+  return {"image": normalize(image, norm) * valid[..., None], "label": label.astype(np.int32)}
 
 
 def padded_eval_batches(examples: list[Example], batch_size: int, norm: str, multiple: int = 32):

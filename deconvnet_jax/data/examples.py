@@ -1,0 +1,91 @@
+"""The two training stages' examples: crops around instances (stage 1) and around proposals (stage 2).
+
+An item names an image, a box and, for stage 1, the instance that keeps its
+class. Cropping enlarges the box 1.2x around its centre, takes the square
+region (padding past the border: image zeros after normalisation, labels void),
+resizes it to 250 x 250, then takes a random 224 x 224 crop and flips half of
+them (SPEC.md section 2).
+"""
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from deconvnet_jax.data.voc import VOID, Example
+from deconvnet_jax.proposals import box_iou
+
+
+@dataclasses.dataclass(frozen=True)
+class CropSpec:
+  resize: int = 250
+  crop: int = 224
+  context: float = 1.2  # box enlargement around its centre
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  index: int  # into the example list
+  box: tuple[float, float, float, float]  # (y0, x0, y1, x1), exclusive end
+  instance: int = 0  # stage 1: the instance id that keeps its class; 0: keep every class
+
+
+def stage1_items(examples: list[Example]) -> list[Item]:
+  """One item per ground-truth instance, around its tight box."""
+  return [Item(i, tuple(float(v) for v in box), instance)
+          for i, ex in enumerate(examples)
+          for instance, box in enumerate(ex.boxes, start=1)]
+
+
+def stage2_items(examples: list[Example], propose: Callable, iou_threshold: float = 0.5,
+                 per_image: int | None = None) -> list[Item]:
+  """Proposals whose IoU with some ground-truth instance is >= iou_threshold, best-ranked first.
+
+  propose: image [H, W, 3] uint8 -> (boxes [K, 4], scores [K]), the generator inference uses.
+  per_image: keep at most this many per image (None: all).
+  """
+  items = []
+  for i, ex in enumerate(examples):
+    if len(ex.boxes) == 0:
+      continue
+    boxes, _ = propose(ex.image)
+    keep = np.nonzero(box_iou(np.asarray(boxes, np.float64), ex.boxes).max(1) >= iou_threshold)[0]
+    items += [Item(i, tuple(float(v) for v in boxes[k])) for k in keep[:per_image]]
+  return items
+
+
+def context_square(box, context: float) -> tuple[float, float, float]:
+  """(top, left, side) of the square of side context * longer side, centred on the box."""
+  y0, x0, y1, x1 = box
+  side = context * max(y1 - y0, x1 - x0)
+  return (y0 + y1) / 2 - side / 2, (x0 + x1) / 2 - side / 2, side
+
+
+def _resample(array: np.ndarray, top, left, side, size, resample, fill) -> np.ndarray:
+  """The square [top, top+side) x [left, left+side) of `array` resized to size x size."""
+  im = Image.fromarray(array)
+  return np.asarray(im.transform((size, size), Image.Transform.EXTENT,
+                                 (left, top, left + side, top + side), resample=resample,
+                                 fillcolor=fill))
+
+
+def crop_item(ex: Example, item: Item, spec: CropSpec, rng: np.random.Generator):
+  """(image [crop, crop, 3] uint8, label [crop, crop] uint8, valid [crop, crop] bool)."""
+  if item.instance:
+    label = np.where(ex.label == VOID, VOID, 0).astype(np.uint8)
+    inside = ex.instances == item.instance
+    label[inside] = ex.label[inside]
+  else:
+    label = ex.label
+  top, left, side = context_square(item.box, spec.context)
+  args = (top, left, side, spec.resize)
+  image = _resample(ex.image, *args, Image.Resampling.BILINEAR, (0, 0, 0))
+  label = _resample(label, *args, Image.Resampling.NEAREST, VOID)
+  valid = _resample(np.full(ex.label.shape, 255, np.uint8), *args, Image.Resampling.NEAREST, 0) > 0
+  y, x = rng.integers(0, spec.resize - spec.crop + 1, 2)
+  window = (slice(y, y + spec.crop), slice(x, x + spec.crop))
+  image, label, valid = image[window], label[window], valid[window]
+  if rng.random() < 0.5:
+    image, label, valid = image[:, ::-1], label[:, ::-1], valid[:, ::-1]
+  return image, label, valid
