@@ -1,0 +1,304 @@
+"""Object proposals: box IoU, NMS, and sliding windows ranked by a content-aware objectness.
+
+Boxes are [N, 4] (y0, x0, y1, x1) with exclusive ends, as `Example.boxes`. The
+default generator works offline and needs no network: multi-scale sliding
+windows, scored with integral images by edges (after EdgeBoxes, Zitnick and
+Dollar 2014) times colour contrast with a surrounding ring (after Alexe et al.
+2012), then greedy NMS and the top K. Host-side NumPy only.
+"""
+
+import argparse
+import time
+from math import ceil
+
+import numpy as np
+
+from deconvnet_jax.data.voc import read_example, read_split
+
+# Window sides as fractions of the shorter image side; aspect ratios are height / width.
+SCALES = (0.15, 0.2, 0.27, 0.35, 0.45, 0.57, 0.72, 0.87, 1.0)
+ASPECT_RATIOS = (0.5, 0.7, 1.0, 1.4, 2.0)
+STRIDE_FRACTION = 0.2
+# The reference code drops proposals with a side under 112 px on VOC-sized images.
+REFERENCE_MIN_SIZE, REFERENCE_SHORT_SIDE = 112, 300
+# Objectness, tuned on the generated train split: EdgeBoxes' perimeter exponent,
+# the weight of edges crossing the border, the border strip's half width
+# (fraction of the side, at least 2 px), colour bins per channel and the ring's width.
+EDGE_KAPPA = 1.5
+CROSSING_WEIGHT = 1.5
+STRIP_FRACTION = 0.05
+COLOUR_BINS = 4
+RING_FRACTION = 0.25
+
+
+def box_area(boxes) -> np.ndarray:
+  """[N] area of [N, 4] boxes; inverted boxes count as empty."""
+  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+  return np.maximum(boxes[:, 2] - boxes[:, 0], 0) * np.maximum(boxes[:, 3] - boxes[:, 1], 0)
+
+
+def box_iou(a, b) -> np.ndarray:
+  """[N, M] float64 intersection over union; 0 wherever the union is empty."""
+  a = np.asarray(a, np.float64).reshape(-1, 4)
+  b = np.asarray(b, np.float64).reshape(-1, 4)
+  lo = np.maximum(a[:, None, :2], b[None, :, :2])  # [N, M, 2]
+  hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
+  inter = np.prod(np.maximum(hi - lo, 0), axis=-1)  # [N, M]
+  union = box_area(a)[:, None] + box_area(b)[None, :] - inter
+  return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def nms(boxes, scores, iou_threshold: float, top_k: int | None = None) -> np.ndarray:
+  """Greedy NMS: int64 indices of the kept boxes, best score first (ties: lower index first).
+
+  A box is dropped when its IoU with an already kept box exceeds `iou_threshold`.
+  """
+  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+  scores = np.asarray(scores, np.float64).reshape(-1)
+  assert len(boxes) == len(scores), (boxes.shape, scores.shape)
+  order = np.argsort(-scores, kind="stable")  # stable: equal scores keep index order
+  y0, x0, y1, x1 = boxes[order].T.copy()  # [N] each, best first
+  area = np.maximum(y1 - y0, 0) * np.maximum(x1 - x0, 0)
+  rest = np.arange(len(order))  # positions in `order` not yet kept or suppressed
+  keep = []
+  while rest.size and (top_k is None or len(keep) < top_k):
+    best, rest = rest[0], rest[1:]
+    keep.append(best)
+    inter = (np.maximum(np.minimum(y1[rest], y1[best]) - np.maximum(y0[rest], y0[best]), 0)
+             * np.maximum(np.minimum(x1[rest], x1[best]) - np.maximum(x0[rest], x0[best]), 0))
+    union = area[rest] + area[best] - inter
+    # Same IoU as box_iou: an empty union (two empty boxes) gives 0.
+    iou = inter / np.maximum(union, np.finfo(np.float64).tiny)
+    rest = rest[iou <= iou_threshold]
+  return order[np.asarray(keep, np.int64)]
+
+
+def default_min_size(height: int, width: int) -> float:
+  """The reference 112 px rule, scaled down linearly for images whose shorter side is under 300."""
+  return REFERENCE_MIN_SIZE * min(height, width, REFERENCE_SHORT_SIDE) / REFERENCE_SHORT_SIDE
+
+
+def sliding_windows(height: int, width: int, scales=SCALES, aspect_ratios=ASPECT_RATIOS,
+                    stride_fraction: float = STRIDE_FRACTION, min_size: float = 0) -> np.ndarray:
+  """[N, 4] int32 distinct windows inside the image, sides at least min(min_size, image side).
+
+  A window is scale x the shorter image side, stretched to the aspect ratio,
+  each side raised to `min_size` and clipped to the image; windows step by
+  `stride_fraction` of their own side and always reach the far borders. The
+  whole image is one of the windows.
+  """
+  short = min(height, width)
+  windows = [np.array([[0, 0, height, width]])]
+  for scale in scales:
+    for ratio in aspect_ratios:
+      h = min(max(round(scale * short * np.sqrt(ratio)), ceil(min_size), 1), height)
+      w = min(max(round(scale * short / np.sqrt(ratio)), ceil(min_size), 1), width)
+      y0, x0 = np.meshgrid(_offsets(height - h, stride_fraction * h),
+                           _offsets(width - w, stride_fraction * w), indexing="ij")
+      y0, x0 = y0.reshape(-1), x0.reshape(-1)
+      windows.append(np.stack([y0, x0, y0 + h, x0 + w], axis=1))
+  windows = np.concatenate(windows)
+  # One integer key per box makes the dedupe a 1-D unique.
+  y0, x0, y1, x1 = windows.T
+  key = ((y0 * (width + 1) + x0) * (height + 1) + y1) * (width + 1) + x1
+  return windows[np.unique(key, return_index=True)[1]].astype(np.int32)
+
+
+def _offsets(span: int, stride: float) -> np.ndarray:
+  """Evenly spaced integer offsets from 0 to span inclusive, at most about `stride` apart."""
+  n = int(np.ceil(span / max(stride, 1))) + 1
+  return np.unique(np.round(np.linspace(0, span, n)).astype(np.int64))
+
+
+def _integral(x: np.ndarray) -> np.ndarray:
+  """[H + 1, W + 1, ...] summed-area table of [H, W, ...] x, a zero row and column in front."""
+  out = np.zeros((x.shape[0] + 1, x.shape[1] + 1, *x.shape[2:]), x.dtype)
+  out[1:, 1:] = x
+  # Row by row, each add vectorised over the rest: several times faster than np.cumsum
+  # over a leading axis of a [H, W, C] array.
+  for i in range(2, out.shape[0]):
+    out[i] += out[i - 1]
+  for j in range(2, out.shape[1]):
+    out[:, j] += out[:, j - 1]
+  return out
+
+
+def _box_sums(table: np.ndarray, y0, x0, y1, x1) -> np.ndarray:
+  """[N, ...] sums of the table's image over boxes, each clipped to the image first."""
+  h, w = table.shape[0] - 1, table.shape[1] - 1
+  y0, y1 = np.clip(y0, 0, h), np.clip(y1, 0, h)
+  x0, x1 = np.clip(x0, 0, w), np.clip(x1, 0, w)
+  return table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
+
+
+def _smooth(x: np.ndarray, passes: int = 2) -> np.ndarray:
+  """[1, 2, 1] / 4 blur along both axes of [H, W, C] x, `passes` times, borders replicated."""
+  for _ in range(passes):
+    p = np.pad(x, ((1, 1), (0, 0), (0, 0)), mode="edge")
+    x = (p[:-2] + 2 * p[1:-1] + p[2:]) / 4
+    p = np.pad(x, ((0, 0), (1, 1), (0, 0)), mode="edge")
+    x = (p[:, :-2] + 2 * p[:, 1:-1] + p[:, 2:]) / 4
+  return x
+
+
+def edge_maps(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """|d/dx| and |d/dy| of the blurred image, strongest channel: [H, W] float64 each."""
+  x = _smooth(np.asarray(image, np.float64))
+  p = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
+  gx = np.abs(p[1:-1, 2:] - p[1:-1, :-2]).max(-1)  # strong on vertical edges
+  gy = np.abs(p[2:, 1:-1] - p[:-2, 1:-1]).max(-1)  # strong on horizontal edges
+  return gx, gy
+
+
+def _edge_score(image: np.ndarray, y0, x0, y1, x1) -> np.ndarray:
+  """EdgeBoxes-like: edges in the box, less its centre and edges crossing its border, / perimeter^kappa."""
+  gx, gy = edge_maps(image)
+  sx, sy = _integral(gx), _integral(gy)
+  h, w = y1 - y0, x1 - x0
+
+  def mass(*box):
+    return _box_sums(sx, *box) + _box_sums(sy, *box)
+
+  inside = mass(y0, x0, y1, x1)
+  # Object contours lie near the box's border, texture fills its centre.
+  centre = mass(y0 + h // 4, x0 + w // 4, y1 - h // 4, x1 - w // 4)
+  # An edge crossing a vertical side varies along y (|d/dy|), one crossing a horizontal side along x.
+  ty = np.maximum(np.round(STRIP_FRACTION * h).astype(np.int64), 2)
+  tx = np.maximum(np.round(STRIP_FRACTION * w).astype(np.int64), 2)
+  crossing = (_box_sums(sy, y0, x0 - tx, y1, x0 + tx) + _box_sums(sy, y0, x1 - tx, y1, x1 + tx)
+              + _box_sums(sx, y0 - ty, x0, y0 + ty, x1) + _box_sums(sx, y1 - ty, x0, y1 + ty, x1))
+  perimeter = np.maximum(2.0 * (h + w), 1)
+  return (inside - centre - CROSSING_WEIGHT * crossing) / perimeter**EDGE_KAPPA
+
+
+def _colour_contrast(image: np.ndarray, y0, x0, y1, x1) -> np.ndarray:
+  """Chi-squared distance in [0, 1] between colour histograms of the box and a ring around it."""
+  q = np.asarray(image, np.int64) * COLOUR_BINS // 256  # [H, W, 3]
+  code = (q[..., 0] * COLOUR_BINS + q[..., 1]) * COLOUR_BINS + q[..., 2]
+  # Counts stay exact in int32 up to 2**31 pixels.
+  table = _integral(np.eye(COLOUR_BINS**3, dtype=np.int32)[code])  # [H + 1, W + 1, bins^3]
+  ry = np.maximum(np.round(RING_FRACTION * (y1 - y0)).astype(np.int64), 2)
+  rx = np.maximum(np.round(RING_FRACTION * (x1 - x0)).astype(np.int64), 2)
+  inside = _box_sums(table, y0, x0, y1, x1).astype(np.float64)  # [N, bins^3]
+  ring = _box_sums(table, y0 - ry, x0 - rx, y1 + ry, x1 + rx) - inside
+  n_in, n_ring = inside.sum(1, keepdims=True), ring.sum(1, keepdims=True)
+  p, r = inside / np.maximum(n_in, 1), ring / np.maximum(n_ring, 1)
+  chi2 = 0.5 * np.sum((p - r)**2 / np.maximum(p + r, 1e-12), axis=1)
+  return np.where((n_in[:, 0] > 0) & (n_ring[:, 0] > 0), chi2, 0.0)
+
+
+def objectness(image: np.ndarray, boxes) -> np.ndarray:
+  """[N] float64 scores of [N, 4] boxes in an [H, W, 3] uint8 image; higher = more object-like.
+
+  The positive part of an EdgeBoxes-like edge score times the box's colour
+  contrast with its surroundings, both from integral images. Boxes are rounded
+  and clipped to the image; empty ones score 0.
+  """
+  image = np.asarray(image)
+  assert image.ndim == 3 and image.shape[2] == 3, image.shape
+  height, width = image.shape[:2]
+  boxes = np.round(np.asarray(boxes, np.float64).reshape(-1, 4)).astype(np.int64)
+  y0, y1 = np.clip(boxes[:, 0], 0, height), np.clip(boxes[:, 2], 0, height)
+  x0, x1 = np.clip(boxes[:, 1], 0, width), np.clip(boxes[:, 3], 0, width)
+  y1, x1 = np.maximum(y1, y0), np.maximum(x1, x0)
+  score = np.maximum(_edge_score(image, y0, x0, y1, x1), 0) * _colour_contrast(image, y0, x0, y1, x1)
+  return np.where((y1 > y0) & (x1 > x0), score, 0.0)
+
+
+def selective_search(image: np.ndarray, quality: bool = False) -> np.ndarray:
+  """[N, 4] int32 distinct selective-search boxes (Uijlings et al. 2013) of an [H, W, 3] uint8 image.
+
+  Uses OpenCV's contrib module, an optional dependency. OpenCV ranks its boxes
+  with an unseeded random number, so they come back sorted by coordinates.
+  """
+  try:
+    import cv2  # optional: only this generator needs it
+    segmentation = cv2.ximgproc.segmentation
+  except (ImportError, AttributeError) as e:
+    raise ImportError("selective search needs OpenCV's contrib modules: "
+                      "pip install opencv-contrib-python-headless") from e
+  search = segmentation.createSelectiveSearchSegmentation()
+  search.setBaseImage(np.ascontiguousarray(np.asarray(image)[..., ::-1]))  # OpenCV wants BGR
+  if quality:
+    search.switchToSelectiveSearchQuality()
+  else:
+    search.switchToSelectiveSearchFast()
+  rects = np.asarray(search.process(), np.int64).reshape(-1, 4)  # (x, y, w, h)
+  boxes = np.stack([rects[:, 1], rects[:, 0], rects[:, 1] + rects[:, 3], rects[:, 0] + rects[:, 2]], 1)
+  return np.unique(boxes, axis=0).astype(np.int32)
+
+
+def propose(image: np.ndarray, top_k: int = 50, min_size: float | None = None,
+            iou_threshold: float = 0.7, generator: str = "windows") -> tuple[np.ndarray, np.ndarray]:
+  """Top-K proposals of an [H, W, 3] uint8 image: (boxes [K, 4] int32, scores [K]), best first.
+
+  Candidates -> objectness -> NMS. Candidates are `sliding_windows` ("windows")
+  or `selective_search` ("selective_search", needs OpenCV); none has a side
+  under `min_size` (None: `default_min_size`, the reference's 112 px scaled to
+  the image; 0: no limit).
+  """
+  height, width = np.shape(image)[:2]
+  if min_size is None:
+    min_size = default_min_size(height, width)
+  if generator == "windows":
+    candidates = sliding_windows(height, width, min_size=min_size)
+  elif generator == "selective_search":
+    candidates = selective_search(image)
+    sides = np.minimum(candidates[:, 2] - candidates[:, 0], candidates[:, 3] - candidates[:, 1])
+    candidates = candidates[sides >= min_size]
+  else:
+    raise ValueError(f"unknown proposal generator {generator!r}: use 'windows' or 'selective_search'")
+  scores = objectness(image, candidates)
+  keep = nms(candidates, scores, iou_threshold, top_k)
+  return candidates[keep], scores[keep]
+
+
+def recall(proposals_per_image, gt_boxes_per_image, iou: float = 0.5) -> float:
+  """Fraction of ground-truth boxes with IoU >= iou with some proposal of their image (nan if none)."""
+  assert len(proposals_per_image) == len(gt_boxes_per_image)
+  found = total = 0
+  for proposals, gt in zip(proposals_per_image, gt_boxes_per_image):
+    overlaps = box_iou(gt, proposals)  # [G, K]
+    total += overlaps.shape[0]
+    if overlaps.size:
+      found += int(np.sum(overlaps.max(axis=1) >= iou))
+  return found / total if total else float("nan")
+
+
+def main():
+  parser = argparse.ArgumentParser(description="Proposal recall on a VOC-layout folder.")
+  parser.add_argument("--data", required=True, help="folder in the VOC 2012 layout")
+  parser.add_argument("--split", default="val")
+  parser.add_argument("--top-k", type=int, default=50)
+  parser.add_argument("--min-size", type=float, default=None,
+                      help="smallest proposal side in px (default: 112 scaled to the image; 0: none)")
+  parser.add_argument("--iou-threshold", type=float, default=0.7, help="NMS threshold")
+  parser.add_argument("--generator", choices=("windows", "selective_search"), default="windows")
+  parser.add_argument("--random-ranking", action="store_true",
+                      help="baseline: the sliding windows in a seeded random order, no objectness, no NMS")
+  parser.add_argument("--recall-iou", type=float, default=0.5)
+  args = parser.parse_args()
+  rng = np.random.default_rng(0)
+  proposals, gt, seconds = [], [], 0.0
+  for image_id in read_split(args.data, args.split):
+    example = read_example(args.data, image_id)
+    start = time.perf_counter()
+    if args.random_ranking:
+      height, width = example.image.shape[:2]
+      min_size = default_min_size(height, width) if args.min_size is None else args.min_size
+      windows = sliding_windows(height, width, min_size=min_size)
+      boxes = windows[rng.permutation(len(windows))[:args.top_k]]
+    else:
+      boxes, _ = propose(example.image, args.top_k, args.min_size, args.iou_threshold, args.generator)
+    seconds += time.perf_counter() - start
+    proposals.append(boxes)
+    gt.append(example.boxes)
+  print(f"{len(gt)} images, {sum(len(g) for g in gt)} objects, "
+        f"{seconds / max(len(gt), 1):.4f} s per image")
+  for k in sorted({k for k in (1, 2, 5, 10, 20, 50) if k <= args.top_k} | {args.top_k}):
+    print(f"recall@{k} (IoU >= {args.recall_iou}): "
+          f"{recall([p[:k] for p in proposals], gt, args.recall_iou):.3f}")
+
+
+if __name__ == "__main__":
+  main()

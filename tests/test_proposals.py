@@ -1,0 +1,190 @@
+"""Proposals: IoU and NMS against loops, windows, objectness on generated data, propose, recall."""
+
+import sys
+
+import numpy as np
+import pytest
+
+from deconvnet_jax import proposals
+from deconvnet_jax.data.generated import generate
+from deconvnet_jax.data.voc import read_example, read_split
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+  return generate(tmp_path_factory.mktemp("gen"), 10, 5, seed=0)
+
+
+def iou_loop(a, b) -> float:
+  """IoU of two (y0, x0, y1, x1) boxes, Python floats, inverted boxes empty."""
+  area = lambda r: max(r[2] - r[0], 0) * max(r[3] - r[1], 0)
+  inter = max(min(a[2], b[2]) - max(a[0], b[0]), 0) * max(min(a[3], b[3]) - max(a[1], b[1]), 0)
+  union = area(a) + area(b) - inter
+  return inter / union if union > 0 else 0.0
+
+
+def nms_loop(boxes, scores, threshold, top_k=None) -> list[int]:
+  """Textbook greedy NMS: repeatedly take the best remaining box (lowest index on ties)."""
+  remaining = list(range(len(boxes)))
+  keep = []
+  while remaining and (top_k is None or len(keep) < top_k):
+    best = max(remaining, key=lambda i: (scores[i], -i))
+    keep.append(best)
+    remaining = [i for i in remaining if i != best and iou_loop(boxes[best], boxes[i]) <= threshold]
+  return keep
+
+
+def random_boxes(rng, n, size=20):
+  y0, x0 = rng.integers(0, size, (2, n))
+  h, w = rng.integers(-2, size // 2, (2, n))  # some empty or inverted
+  return np.stack([y0, x0, y0 + h, x0 + w], 1)
+
+
+def test_box_iou_matches_loop_on_special_and_random_boxes():
+  special = np.array([
+      [0, 0, 10, 10],  # reference
+      [0, 0, 10, 10],  # identical
+      [2, 3, 5, 7],  # nested
+      [0, 10, 10, 20],  # touching on an edge
+      [10, 10, 12, 12],  # touching at a corner
+      [30, 30, 40, 40],  # disjoint
+      [5, 5, 5, 9],  # empty: zero height
+      [5, 5, 5, 5],  # empty point
+      [8, 8, 3, 3],  # inverted
+      [-5, -5, 5, 5],  # partly outside the image
+  ], np.float64)
+  rng = np.random.default_rng(0)
+  boxes = np.concatenate([special, random_boxes(rng, 60), rng.uniform(0, 20, (20, 4))])
+  got = proposals.box_iou(boxes, boxes[::-1])
+  want = np.array([[iou_loop(a, b) for b in boxes[::-1]] for a in boxes])
+  assert got.shape == (len(boxes), len(boxes)) and got.dtype == np.float64
+  assert np.all(np.isfinite(got))
+  np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+  assert got[0, -1] == 1.0 and got[6, -7] == 0.0  # identical; an empty box with itself
+  np.testing.assert_array_equal(proposals.box_area(special[[0, 2, 6, 8]]), [100, 12, 0, 0])
+  assert proposals.box_iou(np.zeros((0, 4)), boxes).shape == (0, len(boxes))
+
+
+@pytest.mark.parametrize("threshold, top_k", [(0.3, None), (0.5, 5), (0.7, None), (0.0, None)])
+def test_nms_matches_loop(threshold, top_k):
+  rng = np.random.default_rng(1)
+  for _ in range(5):
+    boxes = random_boxes(rng, 80, size=30).astype(np.float64)
+    scores = rng.integers(0, 10, 80).astype(np.float32)  # many ties
+    got = proposals.nms(boxes, scores, threshold, top_k)
+    assert got.dtype == np.int64
+    assert got.tolist() == nms_loop(boxes, scores, threshold, top_k)
+  assert proposals.nms(np.zeros((0, 4)), np.zeros(0), 0.5).shape == (0,)
+
+
+def test_sliding_windows_inside_image_distinct_and_at_least_min_size():
+  for height, width, min_size in [(96, 176, 0), (120, 80, 37.5), (375, 500, 112), (20, 30, 50)]:
+    windows = proposals.sliding_windows(height, width, min_size=min_size)
+    assert windows.dtype == np.int32 and windows.ndim == 2 and windows.shape[1] == 4
+    y0, x0, y1, x1 = windows.T
+    assert np.all((y0 >= 0) & (x0 >= 0) & (y1 <= height) & (x1 <= width))
+    assert np.all(y1 - y0 >= min(min_size, height)) and np.all(x1 - x0 >= min(min_size, width))
+    assert len(np.unique(windows, axis=0)) == len(windows)
+    # The whole image and every corner are covered.
+    assert [0, 0, height, width] in windows.tolist()
+    assert y0.min() == 0 and x0.min() == 0 and y1.max() == height and x1.max() == width
+  assert proposals.sliding_windows(20, 30, min_size=50).tolist() == [[0, 0, 20, 30]]
+  assert 0 < proposals.default_min_size(96, 150) < proposals.default_min_size(200, 150) < 112
+  assert proposals.default_min_size(375, 500) == 112
+
+
+def test_objectness_ranks_objects_above_random_windows(generated):
+  rng = np.random.default_rng(0)
+  wins = []
+  for image_id in read_split(generated, "trainval"):
+    ex = read_example(generated, image_id)
+    windows = proposals.sliding_windows(*ex.image.shape[:2])
+    random = windows[rng.choice(len(windows), 100, replace=False)]
+    objects = proposals.objectness(ex.image, ex.boxes)
+    others = proposals.objectness(ex.image, random)
+    assert objects.shape == (len(ex.boxes),) and others.shape == (100,)
+    wins.append(np.mean(objects[:, None] > others[None, :]))  # AUC over (object, random) pairs
+  assert np.mean(wins) > 0.9, wins
+  assert min(wins) > 0.7, wins
+
+
+def test_objectness_of_empty_and_outside_boxes_is_zero():
+  image = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+  scores = proposals.objectness(image, [[5, 5, 5, 20], [10, 10, 2, 2], [60, 60, 70, 70], [-10, -10, 0, 0]])
+  np.testing.assert_array_equal(scores, 0)
+  assert np.all(proposals.objectness(np.full((40, 50, 3), 7, np.uint8), [[5, 5, 20, 20]]) == 0)
+
+
+def test_propose_returns_top_k_sorted_inside_image_and_suppressed(generated):
+  ex = read_example(generated, read_split(generated, "val")[0])
+  height, width = ex.image.shape[:2]
+  for min_size in (None, 0):
+    boxes, scores = proposals.propose(ex.image, top_k=20, min_size=min_size, iou_threshold=0.7)
+    assert boxes.shape == (20, 4) and boxes.dtype == np.int32 and scores.shape == (20,)
+    assert np.all(np.diff(scores) <= 0)
+    np.testing.assert_allclose(scores, proposals.objectness(ex.image, boxes))
+    assert np.all((boxes[:, :2] >= 0) & (boxes[:, 2:] <= [height, width]))
+    smallest = proposals.default_min_size(height, width) if min_size is None else 1
+    assert np.all(boxes[:, 2:] - boxes[:, :2] >= smallest)
+    iou = proposals.box_iou(boxes, boxes)
+    assert np.all(iou[np.triu_indices(20, 1)] <= 0.7)
+  # A small image with a large minimum size has fewer windows than asked for.
+  boxes, scores = proposals.propose(ex.image[:12, :12], top_k=50, min_size=10, iou_threshold=1.0)
+  assert len(boxes) == len(scores) == len(proposals.sliding_windows(12, 12, min_size=10)) < 50
+  with pytest.raises(ValueError, match="unknown proposal generator"):
+    proposals.propose(ex.image, generator="edgeboxes")
+
+
+def test_propose_finds_most_objects_and_beats_random_order(generated):
+  ids = read_split(generated, "trainval")
+  examples = [read_example(generated, i) for i in ids]
+  found = [proposals.propose(ex.image, top_k=10, min_size=0)[0] for ex in examples]
+  rng = np.random.default_rng(0)
+  random = []
+  for ex in examples:
+    windows = proposals.sliding_windows(*ex.image.shape[:2])
+    random.append(windows[rng.permutation(len(windows))[:10]])
+  gt = [ex.boxes for ex in examples]
+  assert proposals.recall(found, gt) > 0.6
+  assert proposals.recall(found, gt) > proposals.recall(random, gt) + 0.3
+
+
+def test_recall_on_a_hand_made_case():
+  gt = [np.array([[0, 0, 10, 10], [20, 20, 30, 30]]), np.array([[0, 0, 4, 4]]), np.zeros((0, 4))]
+  found = [
+      np.array([[0, 0, 10, 20], [0, 0, 10, 10]]),  # first exact; second box missed
+      np.array([[0, 0, 4, 8]]),  # IoU exactly 0.5 counts
+      np.array([[0, 0, 5, 5]]),  # no objects here
+  ]
+  assert proposals.recall(found, gt) == pytest.approx(2 / 3)
+  assert proposals.recall(found, gt, iou=0.51) == pytest.approx(1 / 3)
+  assert proposals.recall([np.zeros((0, 4))] * 3, gt) == 0
+  assert np.isnan(proposals.recall([np.zeros((0, 4))], [np.zeros((0, 4))]))
+
+
+def test_selective_search_is_optional_with_a_clear_error(monkeypatch):
+  image = np.zeros((32, 32, 3), np.uint8)
+  monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 now fails
+  with pytest.raises(ImportError, match="pip install opencv-contrib-python-headless"):
+    proposals.selective_search(image)
+
+
+def test_selective_search_boxes_inside_image(generated):
+  pytest.importorskip("cv2.ximgproc")
+  ex = read_example(generated, read_split(generated, "val")[0])
+  boxes = proposals.selective_search(ex.image)
+  height, width = ex.image.shape[:2]
+  assert len(boxes) and np.all((boxes[:, :2] >= 0) & (boxes[:, 2:] <= [height, width]))
+  np.testing.assert_array_equal(boxes, proposals.selective_search(ex.image))  # deterministic
+  found, _ = proposals.propose(ex.image, top_k=5, min_size=0, generator="selective_search")
+  assert len(found) == 5
+
+
+def test_main_prints_recall_table(generated, monkeypatch, capsys):
+  argv = ["proposals", "--data", str(generated), "--split", "val", "--top-k", "5"]
+  monkeypatch.setattr(sys, "argv", argv)
+  proposals.main()
+  out = capsys.readouterr().out
+  assert "5 images" in out and "s per image" in out
+  assert [line.split(":")[0] for line in out.splitlines()[1:]] == [
+      f"recall@{k} (IoU >= 0.5)" for k in (1, 2, 5)]
