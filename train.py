@@ -14,7 +14,10 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from deconvnet_jax import configs, train_loop
+import jax
+
+from deconvnet_jax import checkpoints, configs, train_loop
+from deconvnet_jax.data.voc import DataError
 
 
 def parse_args(argv=None) -> train_loop.TrainConfig:
@@ -31,6 +34,8 @@ def parse_args(argv=None) -> train_loop.TrainConfig:
   p.add_argument("--model", default=d.model_name, choices=sorted(configs.MODELS),
                  help="named model configuration")
   p.add_argument("--num-classes", type=int, default=21)
+  p.add_argument("--set", dest="overrides", metavar="FIELD=VALUE", nargs="*", default=[],
+                 help="override model config fields, e.g. --set width=0.25 fc_dim=128")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                  help="compute dtype (parameters and BatchNorm statistics stay float32)")
   p.add_argument("--steps", type=int, default=d.steps)
@@ -46,8 +51,17 @@ def parse_args(argv=None) -> train_loop.TrainConfig:
   p.add_argument("--seed", type=int, default=d.seed)
   p.add_argument("--workdir", type=Path, default=d.workdir)
   p.add_argument("--init-from", type=Path, help="start from this checkpoint's weights, fresh optimizer")
+  p.add_argument("--multihost", action="store_true",
+                 help="call jax.distributed.initialize() first (TPU pod slices, multi-node GPU; "
+                      "it reads the coordinator and process ids from the environment)")
   a = p.parse_args(argv)
-  model = configs.model_config(a.model, num_classes=a.num_classes, dtype=a.dtype)
+  if a.multihost:
+    jax.distributed.initialize()
+  overrides = dict(num_classes=a.num_classes, dtype=a.dtype)
+  for item in a.overrides:
+    name, _, value = item.partition("=")
+    overrides[name] = configs.parse_field(name, value)
+  model = configs.model_config(a.model, **overrides)
   optim = dataclasses.replace(d.optim, learning_rate=a.lr, decay_steps=tuple(a.lr_decay_steps))
   return train_loop.TrainConfig(
       model=model, model_name=a.model, data=a.data, stage=a.stage, resize=a.resize,
@@ -58,7 +72,11 @@ def parse_args(argv=None) -> train_loop.TrainConfig:
 
 def main(argv=None) -> int:
   cfg = parse_args(argv)
-  record = train_loop.run(cfg)
+  try:
+    record = train_loop.run(cfg)
+  except (checkpoints.CheckpointError, DataError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   print(f"done: step {record.get('step')}; metrics in {cfg.workdir / 'metrics.jsonl'}, "
         f"checkpoints in {cfg.workdir}")
   return 0

@@ -91,6 +91,17 @@ def read_meta(path) -> dict:
     return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
 
+def check_same_model(path, config: ModelConfig):
+  """Refuses to resume a checkpoint of another network with an error naming what differs."""
+  saved = read_meta(path)["model"]
+  shape_fields = ("arch", "num_classes", "width", "fc_dim", "fc_kernel", "batch_norm")
+  diff = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(config, k)!r}"
+          for k in shape_fields if saved.get(k) != getattr(config, k)]
+  if diff:
+    raise CheckpointError(f"{path}: holds another network ({'; '.join(diff)}); use another "
+                          "--workdir, or --init-from for a compatible one")
+
+
 def restore_variables(path) -> tuple[dict, dict]:
   """(variables as NumPy nested dicts, meta) of a checkpoint; no model needed."""
   directory, step = _step_dir(path)

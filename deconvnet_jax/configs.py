@@ -48,3 +48,16 @@ def model_config(name: str, **overrides) -> ModelConfig:
   if name not in MODELS:
     raise ValueError(f"unknown model config {name!r}; choose one of {sorted(MODELS)}")
   return dataclasses.replace(MODELS[name], **overrides)
+
+
+def parse_field(name: str, text: str):
+  """A ModelConfig field's value from command-line text, typed like the field's default."""
+  fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+  if name not in fields:
+    raise ValueError(f"unknown model config field {name!r}; fields: {', '.join(fields)}")
+  kind = type(getattr(ModelConfig(), name))
+  if kind is bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"{name} takes true or false, got {text!r}")
+    return text.lower() in ("true", "1")
+  return kind(text)

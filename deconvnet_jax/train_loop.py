@@ -70,7 +70,7 @@ def training_items(cfg: TrainConfig, examples: list[voc.Example]) -> tuple[int, 
     items = ex_lib.stage1_items(examples)
   else:
     items = ex_lib.stage2_items(
-        examples, lambda image: proposals.propose(image), cfg.stage2_iou, cfg.proposals_per_image)
+        examples, proposals.propose, cfg.stage2_iou, cfg.proposals_per_image)
   if not items:
     raise SystemExit(f"stage {cfg.stage}: no training examples (no instances / no proposal with "
                      f"IoU >= {cfg.stage2_iou})")
@@ -107,9 +107,14 @@ def run(cfg: TrainConfig) -> dict:
   model = build_model(model_cfg, cfg.seed)
   ckpt = checkpoints.Checkpoints(cfg.workdir, cfg.keep)
   start_step = ckpt.latest_step() or 0
-  if cfg.init_from is not None and not start_step:
+  if start_step:
+    checkpoints.check_same_model(cfg.workdir / "checkpoints", model_cfg)
+  elif cfg.init_from is not None:
     variables, meta = checkpoints.restore_variables(cfg.init_from)
-    set_variables(model, variables, source=str(cfg.init_from))
+    try:
+      set_variables(model, variables, source=str(cfg.init_from))
+    except ValueError as e:
+      raise SystemExit(f"error: --init-from {e}") from e
     print(f"initialised from {cfg.init_from} (step {meta.get('step')}); fresh optimizer")
   graphdef, state = training.init_train_state(model, tx)
   del model

@@ -1,6 +1,12 @@
 """train.py and infer.py end to end on tiny generated data: checkpoints, resume, outputs, bad files."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -13,6 +19,9 @@ from deconvnet_jax import checkpoints
 from deconvnet_jax.configs import model_config
 from deconvnet_jax.data.generated import generate
 from deconvnet_jax.models import build_model, get_variables
+
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +133,44 @@ def test_infer_on_a_folder_writes_outputs_and_reports_bad_files(data, tmp_path, 
   assert f"0 segmented, {len(ok)} skipped" in capsys.readouterr().out
   assert infer.main(["--input", str(folder), "--output", str(out)]) == 2  # no checkpoint: says how
   assert "python train.py" in capsys.readouterr().err
+
+
+def test_mismatched_workdir_and_init_from_are_clear_errors(data, tmp_path, capsys):
+  run_train(data, tmp_path / "run", 2)
+  assert train.main(["--data", str(data), "--workdir", str(tmp_path / "run"), "--steps", "4",
+                     "--set", "width=0.25"]) == 2
+  assert "holds another network (width: checkpoint 0.125, now 0.25)" in capsys.readouterr().err
+  with pytest.raises(SystemExit, match=r"--init-from .*deconv1_1/layer/kernel has shape \(8, 8, 3, 3\), "
+                                       r"the model expects \(16, 16, 3, 3\).*another class count or width"):
+    train.main(["--data", str(data), "--workdir", str(tmp_path / "other"), "--steps", "2",
+                "--set", "width=0.25", "--init-from", str(tmp_path / "run")])
+
+
+def _train_process(data, workdir, steps, devices=1, **popen):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  argv = [sys.executable, str(ROOT / "train.py"), "--data", str(data), "--workdir", str(workdir),
+          "--steps", str(steps), "--crop", "64", "--batch-size", "8", "--eval-every", "1000",
+          "--save-every", "1"]
+  return subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, **popen)
+
+
+def test_kill_9_loses_no_checkpoint_and_resume_works_on_8_devices(data, tmp_path):
+  """SIGKILL mid-run leaves only complete checkpoints; another device count resumes them."""
+  proc = _train_process(data, tmp_path, 200)
+  deadline = time.time() + 300
+  while time.time() < deadline and not (tmp_path / "checkpoints" / "3").is_dir():
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps and steps[-1] >= 3
+  for step in steps:  # every checkpoint left behind restores
+    variables, meta = checkpoints.restore_variables(tmp_path / "checkpoints" / str(step))
+    assert meta["step"] == step and variables["params"]
+  proc = _train_process(data, tmp_path, steps[-1] + 2, devices=8)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out[-3000:]
+  assert f"resuming from {tmp_path / 'checkpoints' / str(steps[-1])}" in out
+  assert checkpoints.read_meta(tmp_path / "checkpoints")["step"] == steps[-1] + 2

@@ -5,9 +5,12 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deconvnet_jax import configs, training
+from deconvnet_jax.models import build_model
 from deconvnet_jax.training import cross_entropy
 
 
@@ -68,3 +71,19 @@ def test_step_on_8_devices_equals_1_device():
                        text=True, timeout=600)
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
   assert out.stdout.startswith("OK")
+
+
+def test_steps_compile_once_and_bfloat16_keeps_float32_state():
+  rng = np.random.default_rng(0)
+  mesh = training.make_mesh()
+  tx = training.make_optimizer(training.OptimConfig())
+  graphdef, state = training.init_train_state(build_model(configs.model_config("small", dtype="bfloat16")), tx)
+  state = training.replicate(state, mesh)
+  step = training.jit_train_step(graphdef, tx, mesh)
+  for _ in range(3):
+    batch = {"image": rng.normal(size=(2, 64, 64, 3)).astype(np.float32),
+             "label": rng.integers(0, 21, size=(2, 64, 64)).astype(np.int32)}
+    state, metrics = step(state, training.global_batch(batch, mesh))
+  assert step._cache_size() == 1  # pylint: disable=protected-access
+  assert np.isfinite(float(metrics["loss"])) and int(state.step) == 3
+  assert {x.dtype for x in jax.tree.leaves((state.params, state.batch_stats))} == {np.dtype(np.float32)}

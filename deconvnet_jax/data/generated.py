@@ -1,8 +1,8 @@
 """A generated dataset in the VOC 2012 layout, deterministic from a seed.
 
-Five object classes, each a shape with its own colour family and texture, at
-varied sizes and positions, overlapping, on textured backgrounds, with VOC's
-void band around every object boundary. It lets training and inference run with
+Five object classes, each a shape with its own saturated colour family and
+texture, at varied sizes and positions, overlapping, on low-saturation textured
+backgrounds, with VOC's void band around every object boundary. It lets training and inference run with
 no dataset at hand, and is what the tests learn on.
 """
 
@@ -61,10 +61,11 @@ def _texture(h: int, w: int, colour, rng) -> np.ndarray:
 
 
 def _background(h: int, w: int, rng) -> np.ndarray:
+  """Low-saturation gradients and noise: the object classes' saturated colours stand out."""
   y, x = np.mgrid[0:h, 0:w]
-  a, b = rng.uniform(60, 200, 3), rng.uniform(-60, 60, 3)
+  grey = rng.uniform(50, 200) + rng.uniform(-12, 12, 3)
   ramp = (x / w * np.cos(t := rng.uniform(0, 2 * np.pi)) + y / h * np.sin(t))[..., None]
-  return a + b * ramp + rng.normal(0, 10, (h, w, 3))
+  return grey + rng.uniform(-50, 50) * ramp + rng.normal(0, 10, (h, w, 3))
 
 
 def _void_band(instances: np.ndarray) -> np.ndarray:
