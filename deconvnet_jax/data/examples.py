@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from deconvnet_jax.data.voc import VOID, Example
 from deconvnet_jax.proposals import box_iou
@@ -46,7 +47,7 @@ def stage2_items(examples: list[Example], propose: Callable, iou_threshold: floa
   per_image: keep at most this many per image (None: all).
   """
   items = []
-  for i, ex in enumerate(examples):
+  for i, ex in enumerate(tqdm(examples, desc="stage-2 proposals", leave=False)):
     if len(ex.boxes) == 0:
       continue
     boxes, _ = propose(ex.image)
