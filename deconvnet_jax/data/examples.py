@@ -34,9 +34,9 @@ class Item:
 
 def stage1_items(examples: list[Example]) -> list[Item]:
   """One item per ground-truth instance, around its tight box."""
-  return [Item(i, tuple(float(v) for v in box), instance)
+  return [Item(i, tuple(float(v) for v in box), int(instance))
           for i, ex in enumerate(examples)
-          for instance, box in enumerate(ex.boxes, start=1)]
+          for instance, box in zip(ex.ids, ex.boxes)]
 
 
 def stage2_items(examples: list[Example], propose: Callable, iou_threshold: float = 0.5,

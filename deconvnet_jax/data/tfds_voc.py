@@ -184,8 +184,9 @@ def prepare(manual_dir, data_dir, config: str = "voc2012") -> VocSegmentation:
 
 def example_from_record(record: dict) -> voc.Example:
   """A data-source record as the `voc.Example` the folder readers give."""
+  instances = record["instances"][..., 0]
   return voc.Example(record["image/id"].decode(), record["image"], record["label"][..., 0],
-                     record["instances"][..., 0], record["boxes"], record["classes"])
+                     instances, record["boxes"], record["classes"], voc.present_ids(instances))
 
 
 def main():

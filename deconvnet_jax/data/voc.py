@@ -46,8 +46,9 @@ class Example:
   image: np.ndarray  # [H, W, 3] uint8 RGB
   label: np.ndarray  # [H, W] uint8 class index, 255 = void
   instances: np.ndarray  # [H, W] uint8 instance id 1..N, 0 = none, 255 = void
-  boxes: np.ndarray  # [N, 4] int32 (y0, x0, y1, x1), exclusive end, one per instance id
+  boxes: np.ndarray  # [N, 4] int32 (y0, x0, y1, x1), exclusive end, one per instance
   classes: np.ndarray  # [N] int32 class of each instance
+  ids: np.ndarray  # [N] int32 id of each instance in `instances` (ids need not be contiguous)
 
 
 class DataError(ValueError):
@@ -108,14 +109,20 @@ def read_image(path: Path) -> np.ndarray:
     raise DataError(f"{path}: cannot decode image: {e}") from e
 
 
+def present_ids(instances: np.ndarray) -> np.ndarray:
+  """[N] int32 instance ids present in a mask, ascending (a thin instance may be all void)."""
+  ids = np.unique(instances)
+  return ids[(ids > 0) & (ids < VOID)].astype(np.int32)
+
+
 def instance_boxes(label: np.ndarray, instances: np.ndarray, where="",
                    categories: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Tight box and class of each instance id 1..N present in `instances`.
+  """Tight box and class of each instance id present in `instances` (present_ids order).
 
   The class is categories[id - 1] when given (SBD's GTinst.Categories), else the
   instance's majority class in `label` (VOC).
   """
-  ids = [i for i in np.unique(instances) if 0 < i < VOID]
+  ids = present_ids(instances).tolist()
   if categories is not None and ids and ids[-1] > len(categories):
     raise DataError(f"{where}: instance id {ids[-1]} in Segmentation but only "
                     f"{len(categories)} Categories")
@@ -145,7 +152,7 @@ def read_example(root, image_id: str, num_classes: int = len(VOC_CLASSES)) -> Ex
   for path, mask in ((label_path, label), (object_path, instances)):
     check_size(mask, image, path)
   boxes, classes = instance_boxes(label, instances, object_path)
-  return Example(image_id, image, label, instances, boxes, classes)
+  return Example(image_id, image, label, instances, boxes, classes, present_ids(instances))
 
 
 def sbd_folder(root) -> Path:
@@ -213,7 +220,7 @@ def read_sbd_example(root, image_id: str, num_classes: int = len(VOC_CLASSES)) -
   for path, mask in ((cls_path, label), (inst_path, instances)):
     check_size(mask, image, path)
   boxes, classes = instance_boxes(label, instances, inst_path, categories.astype(np.int32))
-  return Example(image_id, image, label, instances, boxes, classes)
+  return Example(image_id, image, label, instances, boxes, classes, present_ids(instances))
 
 
 def read_source_example(source: str, root, image_id: str,
