@@ -11,6 +11,7 @@ Running again with the same --workdir resumes from its latest checkpoint.
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -39,6 +40,8 @@ def parse_args(argv=None) -> train_loop.TrainConfig:
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                  help="compute dtype (parameters and BatchNorm statistics stay float32)")
   p.add_argument("--steps", type=int, default=d.steps)
+  p.add_argument("--epochs", type=float, help="train this many epochs over the stage's examples "
+                                              "(instead of --steps)")
   p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, split over all devices")
   p.add_argument("--crop", type=int, default=d.crop, help="network input side during training")
   p.add_argument("--resize", type=int, help="stages 1-2: square resized to this before the random "
@@ -53,9 +56,10 @@ def parse_args(argv=None) -> train_loop.TrainConfig:
   p.add_argument("--init-from", type=Path, help="start from this checkpoint's weights, fresh optimizer")
   p.add_argument("--multihost", action="store_true",
                  help="call jax.distributed.initialize() first (TPU pod slices, multi-node GPU; "
-                      "it reads the coordinator and process ids from the environment)")
+                      "it reads the coordinator and process ids from the environment); "
+                      "implied when JAX_COORDINATOR_ADDRESS is set")
   a = p.parse_args(argv)
-  if a.multihost:
+  if a.multihost or "JAX_COORDINATOR_ADDRESS" in os.environ:
     jax.distributed.initialize()
   overrides = dict(num_classes=a.num_classes, dtype=a.dtype)
   for item in a.overrides:
@@ -66,7 +70,8 @@ def parse_args(argv=None) -> train_loop.TrainConfig:
   return train_loop.TrainConfig(
       model=model, model_name=a.model, data=a.data, stage=a.stage, resize=a.resize,
       proposals_per_image=a.proposals_per_image, stage2_iou=a.stage2_iou, train_split=a.train_split, val_split=a.val_split,
-      steps=a.steps, batch_size=a.batch_size, crop=a.crop, optim=optim, eval_every=a.eval_every,
+      steps=a.steps, epochs=a.epochs, batch_size=a.batch_size, crop=a.crop, optim=optim,
+      eval_every=a.eval_every,
       save_every=a.save_every, keep=a.keep, seed=a.seed, workdir=a.workdir, init_from=a.init_from)
 
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import signal
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ class TrainConfig:
   proposals_per_image: int | None = None  # stage 2: keep at most this many per image
   stage2_iou: float = 0.5
   steps: int = 300
+  epochs: float | None = None  # if set, overrides steps: epochs over the stage's examples
   batch_size: int = 8  # global, split over all devices and hosts
   crop: int = 128
   resize: int | None = None  # stages 1-2: the square is resized to this before cropping; None: crop * 250/224
@@ -146,14 +148,15 @@ def run(cfg: TrainConfig) -> dict:
   previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
   record: dict = {}
   step = start_step
-  bar = tqdm(total=cfg.steps, initial=start_step, desc="train", dynamic_ncols=True)
+  total = cfg.steps if cfg.epochs is None else math.ceil(cfg.epochs * num_items / cfg.batch_size)
+  bar = tqdm(total=total, initial=start_step, desc="train", dynamic_ncols=True)
   t0, done0 = time.perf_counter(), start_step
   try:
-    while step < cfg.steps and not interrupted:
+    while step < total and not interrupted:
       state, m = step_fn(state, training.global_batch(next(batches), mesh))
       step += 1
       bar.update(1)
-      last = step == cfg.steps
+      last = step == total
       if step % 10 == 0 or last or step % cfg.save_every == 0:
         loss = float(m["loss"])
         if not np.isfinite(loss):
