@@ -1,14 +1,20 @@
 """Segment a folder of images (or single files) with a checkpoint from train.py.
 
   python infer.py --checkpoint runs/default --input photos/ --output out/
+  python infer.py --checkpoint runs/voc_s2 --fcn-checkpoint runs/fcn --input photos/ --output out/
 
-For each image it writes OUT/NAME.png (VOC-palette class indices, readable by
-VOC tools) and OUT/NAME_overlay.jpg, optionally OUT/NAME_prob.npy. Files that
-fail are reported and the rest go on; the exit status is 1 if any failed.
-This version runs the network on the whole image.
+Instance-wise by default (SPEC.md section 3): top-K proposals, each segmented
+by the network in fixed-size batches, scores pasted back (max), softmax, dense
+CRF (in parallel processes). For each image it writes OUT/NAME.png (VOC-palette
+class indices, readable by VOC tools) and OUT/NAME_overlay.jpg, optionally
+OUT/NAME_prob.npy; at the end OUT/index.html, a gallery with a class legend.
+Files that fail are reported and the rest go on; the exit status is 1 if any
+failed. Existing outputs are kept unless --overwrite.
 """
 
 import argparse
+import concurrent.futures
+import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -17,18 +23,31 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from deconvnet_jax import checkpoints
+from deconvnet_jax import checkpoints, crf
 from deconvnet_jax.images import IMAGE_SUFFIXES, ImageError, load_rgb, save_atomic, save_npy_atomic
-from deconvnet_jax.inference import Segmenter
-from deconvnet_jax.viz import overlay, palette_image
+from deconvnet_jax.inference import InferenceConfig, Segmenter
+from deconvnet_jax.viz import gallery_html, overlay, palette_image
 
 
 def parse_args(argv=None):
+  d = InferenceConfig()
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--checkpoint", type=Path, help="train.py work dir (or a step folder in it)")
+  p.add_argument("--checkpoint", type=Path, help="train.py work dir of DeconvNet (or a step folder in it)")
+  p.add_argument("--fcn-checkpoint", type=Path, help="an FCN-8s checkpoint: ensemble (EDeconvNet)")
   p.add_argument("--input", type=Path, nargs="+", required=True, help="image files and/or folders")
   p.add_argument("--output", type=Path, required=True)
   p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
+  p.add_argument("--mode", choices=["instance", "whole"], default=d.mode,
+                 help="instance: proposals (the paper); whole: one forward over the whole image")
+  p.add_argument("--top-k", type=int, default=d.top_k, help="proposals per image")
+  p.add_argument("--min-size", type=float, help="drop proposals with a side under this (px); "
+                                                "default 112 px scaled to the image")
+  p.add_argument("--input-size", type=int, help="proposal crop side fed to the network "
+                                                "(default: the crop size the checkpoint trained on)")
+  p.add_argument("--batch-size", type=int, default=d.batch_size, help="proposals per forward")
+  p.add_argument("--aggregation", choices=["max", "mean"], default=d.aggregation)
+  p.add_argument("--no-crf", action="store_true", help="skip the dense CRF")
+  p.add_argument("--crf-processes", type=int, help="parallel CRF processes (default: all cores)")
   p.add_argument("--save-prob", action="store_true", help="also write NAME_prob.npy [H, W, K] float16")
   p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
   p.add_argument("--debug", action="store_true", help="report each new compilation")
@@ -36,7 +55,7 @@ def parse_args(argv=None):
 
 
 def find_inputs(paths: list[Path], recursive: bool) -> list[tuple[Path, Path]]:
-  """(file, name relative to its input root, without suffix) for every input image."""
+  """(file, output name relative to its input root, without suffix) for every input image."""
   found = []
   for root in paths:
     if root.is_dir():
@@ -48,6 +67,13 @@ def find_inputs(paths: list[Path], recursive: bool) -> list[tuple[Path, Path]]:
   return found
 
 
+def write_outputs(out: Path, image, label, prob, save_prob: bool):
+  save_atomic(Image.fromarray(overlay(image, label)), out.parent / f"{out.name}_overlay.jpg", quality=90)
+  if save_prob:
+    save_npy_atomic(prob.astype(np.float16), out.parent / f"{out.name}_prob.npy")
+  save_atomic(palette_image(label), out.parent / f"{out.name}.png")  # last: marks the image done
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   if args.checkpoint is None:
@@ -57,39 +83,76 @@ def main(argv=None) -> int:
     return 2
   try:
     model, meta = checkpoints.load_model(args.checkpoint)
+    fcn = checkpoints.load_model(args.fcn_checkpoint)[0] if args.fcn_checkpoint else None
   except (checkpoints.CheckpointError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  segmenter = Segmenter(model)
+  input_size = args.input_size or meta.get("train_config", {}).get("crop", 224)
+  config = InferenceConfig(mode=args.mode, top_k=args.top_k, min_size=args.min_size,
+                           input_size=input_size, batch_size=args.batch_size,
+                           aggregation=args.aggregation, crf=not args.no_crf)
+  segmenter = Segmenter(model, config, fcn)
   inputs = find_inputs(args.input, args.recursive)
   if not inputs:
     print(f"error: no images found in {' '.join(map(str, args.input))}", file=sys.stderr)
     return 2
-  failed, done, skipped, seconds = [], 0, 0, 0.0
-  for path, name in tqdm(inputs, desc="images", dynamic_ncols=True):
-    out = args.output / name
-    label_path = out.parent / f"{out.name}.png"
-    if label_path.exists() and not args.overwrite:
-      skipped += 1
-      continue
-    try:
-      image = load_rgb(path)
-    except ImageError as e:
-      failed.append(str(e))
-      continue
-    start = time.perf_counter()
-    compiled = set(segmenter.shapes_compiled)
-    label, prob = segmenter.segment(image)
-    seconds += time.perf_counter() - start
-    for shape in segmenter.shapes_compiled - compiled if args.debug else ():
-      tqdm.write(f"debug: compiled for input shape {shape} ({path})", file=sys.stderr)
-    save_atomic(Image.fromarray(overlay(image, label)), out.parent / f"{out.name}_overlay.jpg", quality=90)
-    if args.save_prob:
-      save_npy_atomic(prob.astype(np.float16), out.parent / f"{out.name}_prob.npy")
-    save_atomic(palette_image(label), label_path)  # last: its presence marks the image done
-    done += 1
-  print(f"{done} segmented, {skipped} skipped (outputs exist; --overwrite to redo), {len(failed)} failed; "
-        f"{seconds / max(done, 1):.2f} s per image (network); classes: {', '.join(meta['class_names'])}")
+  if config.crf:
+    crf.check_available()
+
+  failed, done, skipped, entries = [], [], 0, []
+  totals = dict.fromkeys(("proposals", "network", "aggregation", "crf"), 0.0)
+  # Spawned, not forked: this process holds XLA's threads.
+  pool = concurrent.futures.ProcessPoolExecutor(
+      args.crf_processes, mp_context=multiprocessing.get_context("spawn")) if config.crf else None
+  pending = {}
+
+  def finish(future):
+    out, image, name, started = pending.pop(future)
+    prob = future.result()
+    totals["crf"] += time.perf_counter() - started
+    write_outputs(out, image, prob.argmax(-1).astype(np.uint8), prob, args.save_prob)
+    done.append(name)
+
+  try:
+    for path, name in tqdm(inputs, desc="images", dynamic_ncols=True):
+      out = args.output / name
+      out.parent.mkdir(parents=True, exist_ok=True)
+      if (out.parent / f"{out.name}.png").exists() and not args.overwrite:
+        skipped += 1
+        entries.append(name)
+        continue
+      try:
+        image = load_rgb(path)
+      except ImageError as e:
+        failed.append(str(e))
+        continue
+      compiled = len(segmenter.net.compiled)
+      result = segmenter.segment(image, crf=False)
+      for shape in segmenter.net.compiled[compiled:] if args.debug else ():
+        tqdm.write(f"debug: compiled the network for input {shape} ({path})", file=sys.stderr)
+      for key in ("proposals", "network", "aggregation"):
+        totals[key] += result.seconds[key]
+      entries.append(name)
+      if pool is None:
+        write_outputs(out, image, result.label, result.prob, args.save_prob)
+        done.append(name)
+        continue
+      future = pool.submit(crf.dense_crf, image, result.prob, config.crf_params)
+      pending[future] = (out, image, name, time.perf_counter())
+      while len(pending) > 2 * (args.crf_processes or 2):  # bound memory held by queued images
+        finish(next(concurrent.futures.as_completed(pending)))
+    for future in list(concurrent.futures.as_completed(pending)):
+      finish(future)
+  finally:
+    if pool is not None:
+      pool.shutdown(cancel_futures=True)
+
+  gallery_html(args.output, entries, meta["class_names"])
+  n = max(len(done), 1)
+  split = ", ".join(f"{k} {v / n:.2f}" for k, v in totals.items())
+  print(f"{len(done)} segmented, {skipped} skipped (outputs exist; --overwrite to redo), "
+        f"{len(failed)} failed; seconds per image: {split} (crf: wall time in the pool); "
+        f"gallery: {args.output / 'index.html'}")
   for message in failed:
     print(f"failed: {message}", file=sys.stderr)
   return 1 if failed else 0

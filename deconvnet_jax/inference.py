@@ -1,44 +1,136 @@
-"""Image in, label map out. This version runs the network on the whole image.
+"""Image in, label map out: instance-wise DeconvNet inference (SPEC.md section 3).
 
-Instance-wise inference (proposals -> per-proposal segmentation -> aggregation
--> CRF) is being added on top of the same entry points.
+proposals -> each proposal's context square cropped and resized to the network
+input -> batched forward (fixed batch, padded: one compilation whatever the
+image size or proposal count) -> scores pasted back and combined (max) ->
+optional FCN-8s ensemble -> softmax -> optional dense CRF. A whole-image mode
+(one forward, sizes bucketed) serves FCN-8s and quick looks.
 """
+
+import dataclasses
+import time
 
 import jax
 import numpy as np
 from flax import nnx
 
+from deconvnet_jax import aggregate, proposals
+from deconvnet_jax.crf import CRFParams, dense_crf
+from deconvnet_jax.data.examples import context_square, square_crop
 from deconvnet_jax.models import min_input_size
 from deconvnet_jax.normalization import normalize
 
 
-class Segmenter:
-  """A trained model plus what it needs at inference: normalisation and a few compiled shapes."""
+@dataclasses.dataclass(frozen=True)
+class InferenceConfig:
+  """How an image is segmented; defaults are the paper's."""
+
+  mode: str = "instance"  # "instance" (proposals) or "whole" (one forward over the image)
+  top_k: int = 50  # proposals per image
+  min_size: float | None = None  # proposals' small-box rule; None: 112 px scaled to the image
+  input_size: int = 224  # side of each proposal crop fed to the network
+  batch_size: int = 8  # proposals per forward; the last batch is padded
+  context: float = 1.2  # proposal box enlargement, as in training
+  aggregation: str = "max"  # or "mean"
+  min_foreground: float = 0.01  # proposals predicting less foreground than this are dropped
+  crf: bool = True
+  crf_params: CRFParams = CRFParams()
+
+
+@dataclasses.dataclass
+class Result:
+  label: np.ndarray  # [H, W] uint8
+  prob: np.ndarray  # [H, W, K] float32
+  seconds: dict  # proposals / network / aggregation / crf
+
+
+class Network:
+  """A model in eval mode as a jitted function; records each input shape it compiles for."""
 
   def __init__(self, model: nnx.Module, multiple: int = 32):
     model.eval()
     self.config = model.config
-    self.graphdef, self.state = nnx.split(model)
+    graphdef, self.state = nnx.split(model)
+    self._forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
     self.multiple = multiple
-    self._forward = jax.jit(lambda state, x: jax.nn.softmax(nnx.merge(self.graphdef, state)(x), -1))
-    self.shapes_compiled: set[tuple[int, int]] = set()
+    self.compiled: list[tuple[int, ...]] = []
 
-  def bucket(self, h: int, w: int) -> tuple[int, int]:
-    """Input shape for an h x w image: rounded up to `multiple`, at least the model's minimum."""
+  def __call__(self, x: np.ndarray) -> np.ndarray:
+    """Normalised images [B, H, W, 3] -> logits [B, H, W, K]."""
+    if x.shape not in self.compiled:
+      self.compiled.append(x.shape)
+    return np.asarray(self._forward(self.state, x))
+
+  def whole_image(self, image: np.ndarray) -> np.ndarray:
+    """RGB uint8 [H, W, 3] -> logits [H, W, K], the input padded up to a size bucket."""
+    h, w = image.shape[:2]
     least = min_input_size(self.config) if self.config.arch == "deconvnet" else 1
     up = lambda n: -(-max(n, least) // self.multiple) * self.multiple
-    return up(h), up(w)
-
-  def probabilities(self, image: np.ndarray) -> np.ndarray:
-    """RGB uint8 [H, W, 3] -> class probabilities [H, W, K] float32 (whole-image forward)."""
-    h, w = image.shape[:2]
-    bh, bw = self.bucket(h, w)
-    x = np.zeros((1, bh, bw, 3), np.float32)
+    x = np.zeros((1, up(h), up(w), 3), np.float32)
     x[0, :h, :w] = normalize(image, self.config.input_norm)
-    self.shapes_compiled.add((bh, bw))
-    return np.asarray(self._forward(self.state, x))[0, :h, :w]
+    return self(x)[0, :h, :w]
 
-  def segment(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """RGB uint8 [H, W, 3] -> (label map [H, W] uint8, probabilities [H, W, K])."""
-    prob = self.probabilities(image)
-    return prob.argmax(-1).astype(np.uint8), prob
+
+class Segmenter:
+  """DeconvNet (and optionally FCN-8s for the ensemble) plus an InferenceConfig."""
+
+  def __init__(self, model: nnx.Module, config: InferenceConfig = InferenceConfig(),
+               fcn: nnx.Module | None = None):
+    self.net = Network(model)
+    self.fcn = Network(fcn) if fcn is not None else None
+    self.config = config
+
+  def proposal_scores(self, image: np.ndarray, seconds: dict) -> np.ndarray:
+    """Aggregated DeconvNet scores [H, W, K] from the image's top-K proposals."""
+    cfg, norm = self.config, self.net.config.input_norm
+    start = time.perf_counter()
+    boxes, _ = proposals.propose(image, top_k=cfg.top_k, min_size=cfg.min_size)
+    squares = np.array([context_square(b, cfg.context) for b in boxes], np.float64).reshape(-1, 3)
+    s = cfg.input_size
+    crops = np.zeros((-(-len(squares) // cfg.batch_size) * cfg.batch_size, s, s, 3), np.float32)
+    for i, square in enumerate(squares):
+      crop, valid = square_crop(image, square, s)
+      crops[i] = normalize(crop, norm) * valid[..., None]
+    seconds["proposals"] += time.perf_counter() - start
+
+    start = time.perf_counter()
+    scores = np.concatenate([self.net(crops[i:i + cfg.batch_size])
+                             for i in range(0, len(crops), cfg.batch_size)])[:len(squares)]
+    seconds["network"] += time.perf_counter() - start
+
+    start = time.perf_counter()
+    keep = aggregate.reliable(scores, min_foreground=cfg.min_foreground)
+    out = aggregate.paste(scores[keep], squares[keep], image.shape[:2], cfg.aggregation)
+    seconds["aggregation"] += time.perf_counter() - start
+    return out
+
+  def scores(self, image: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Class scores [H, W, K] before softmax (ensembled with FCN-8s when one is given)."""
+    seconds = dict.fromkeys(("proposals", "network", "aggregation", "crf"), 0.0)
+    if self.config.mode == "whole":
+      start = time.perf_counter()
+      out = self.net.whole_image(image)
+      seconds["network"] += time.perf_counter() - start
+    elif self.config.mode == "instance":
+      out = self.proposal_scores(image, seconds)
+    else:
+      raise ValueError(f"unknown inference mode {self.config.mode!r}")
+    if self.fcn is not None:
+      start = time.perf_counter()
+      fcn_scores = self.fcn.whole_image(image)
+      seconds["network"] += time.perf_counter() - start
+      out = aggregate.ensemble(out, fcn_scores)
+    return out, seconds
+
+  def segment(self, image: np.ndarray, crf: bool | None = None) -> Result:
+    """RGB uint8 [H, W, 3] -> Result(label [H, W], prob [H, W, K], seconds per part).
+
+    crf=False leaves the CRF to the caller (infer.py runs it in parallel processes).
+    """
+    out, seconds = self.scores(image)
+    prob = aggregate.softmax(out)
+    if self.config.crf if crf is None else crf:
+      start = time.perf_counter()
+      prob = dense_crf(image, prob, self.config.crf_params)
+      seconds["crf"] += time.perf_counter() - start
+    return Result(prob.argmax(-1).astype(np.uint8), prob, seconds)

@@ -1,4 +1,8 @@
-"""Pictures: VOC-palette label PNGs and colour overlays."""
+"""Pictures: VOC-palette label PNGs, colour overlays and the HTML gallery."""
+
+import html
+import urllib.parse
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -18,3 +22,42 @@ def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.5) -> np.ndar
   colours = voc_colormap()[label].astype(np.float32)
   blend = np.where((label > 0)[..., None], (1 - alpha) * image + alpha * colours, image)
   return blend.astype(np.uint8)
+
+
+def legend_html(class_ids, class_names) -> str:
+  cmap = voc_colormap()
+  return " ".join(
+      f'<span class="swatch" style="background:rgb{tuple(int(c) for c in cmap[i])}"></span>'
+      f"{html.escape(class_names[i])}" for i in class_ids if i < len(class_names))
+
+
+def gallery_html(out_dir, names, class_names) -> Path:
+  """OUT/index.html: per image its overlay, its label map and the classes found, then a legend."""
+  out_dir = Path(out_dir)
+  rows = []
+  for name in names:
+    label_path = out_dir / f"{name}.png"
+    if not label_path.exists():
+      continue
+    with Image.open(label_path) as im:
+      present = [int(i) for i in np.unique(np.asarray(im)) if i != 255]
+    href = lambda suffix: urllib.parse.quote(f"{Path(name).as_posix()}{suffix}")
+    rows.append(
+        f'<tr><td>{html.escape(str(name))}</td><td><img src="{href("_overlay.jpg")}"></td>'
+        f'<td><img src="{href(".png")}"></td><td>{legend_html(present, class_names)}</td></tr>')
+  page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>deconvnet_jax: {len(rows)} images</title>
+<style>body{{font-family:sans-serif;margin:1em}} img{{max-width:420px;max-height:320px}}
+td{{padding:4px;vertical-align:top}} .swatch{{display:inline-block;width:12px;height:12px;
+margin:0 4px 0 10px;border:1px solid #555}}</style></head><body>
+<h1>{len(rows)} segmented images</h1>
+<p>Legend: {legend_html(range(len(class_names)), class_names)}</p>
+<table><tr><th>image</th><th>overlay</th><th>classes (VOC palette)</th><th>found</th></tr>
+{chr(10).join(rows)}
+</table></body></html>
+"""
+  path = out_dir / "index.html"
+  tmp = path.with_name(".tmp-index.html")
+  tmp.write_text(page, encoding="utf-8")
+  tmp.replace(path)
+  return path

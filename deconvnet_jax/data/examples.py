@@ -63,12 +63,22 @@ def context_square(box, context: float) -> tuple[float, float, float]:
   return (y0 + y1) / 2 - side / 2, (x0 + x1) / 2 - side / 2, side
 
 
-def _resample(array: np.ndarray, top, left, side, size, resample, fill) -> np.ndarray:
+def resample_square(array: np.ndarray, top, left, side, size, resample, fill) -> np.ndarray:
   """The square [top, top+side) x [left, left+side) of `array` resized to size x size."""
   im = Image.fromarray(array)
   return np.asarray(im.transform((size, size), Image.Transform.EXTENT,
                                  (left, top, left + side, top + side), resample=resample,
                                  fillcolor=fill))
+
+
+def square_crop(image: np.ndarray, square, size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(top, left, side) square of an RGB image resized to size x size, and where it is inside
+  the image: ([size, size, 3] uint8, [size, size] bool). Training and inference share it."""
+  top, left, side = square
+  crop = resample_square(image, top, left, side, size, Image.Resampling.BILINEAR, (0, 0, 0))
+  inside = np.full(image.shape[:2], 255, np.uint8)
+  valid = resample_square(inside, top, left, side, size, Image.Resampling.NEAREST, 0) > 0
+  return crop, valid
 
 
 def crop_item(ex: Example, item: Item, spec: CropSpec, rng: np.random.Generator):
@@ -79,11 +89,9 @@ def crop_item(ex: Example, item: Item, spec: CropSpec, rng: np.random.Generator)
     label[inside] = ex.label[inside]
   else:
     label = ex.label
-  top, left, side = context_square(item.box, spec.context)
-  args = (top, left, side, spec.resize)
-  image = _resample(ex.image, *args, Image.Resampling.BILINEAR, (0, 0, 0))
-  label = _resample(label, *args, Image.Resampling.NEAREST, VOID)
-  valid = _resample(np.full(ex.label.shape, 255, np.uint8), *args, Image.Resampling.NEAREST, 0) > 0
+  square = context_square(item.box, spec.context)
+  image, valid = square_crop(ex.image, square, spec.resize)
+  label = resample_square(label, *square, spec.resize, Image.Resampling.NEAREST, VOID)
   y, x = rng.integers(0, spec.resize - spec.crop + 1, 2)
   window = (slice(y, y + spec.crop), slice(x, x + spec.crop))
   image, label, valid = image[window], label[window], valid[window]
