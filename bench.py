@@ -14,7 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax import nnx
+
 from deconvnet_jax.configs import ModelConfig, model_config
+from deconvnet_jax.data.generated import make_example
+from deconvnet_jax.inference import InferenceConfig, Segmenter
 from deconvnet_jax.models import DECODER_PLAN, VGG16_PLAN, build_model
 from deconvnet_jax.ops import max_pool_with_argmax, max_unpool
 from deconvnet_jax.training import (OptimConfig, init_train_state, jit_eval_logits, jit_train_step,
@@ -105,6 +109,8 @@ def main():
   parser.add_argument("--size", type=int, default=224)
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--no-inference", dest="inference", action="store_false",
+                      help="skip the instance-wise inference timing")
   args = parser.parse_args()
 
   config = model_config(args.config)
@@ -154,6 +160,21 @@ def main():
     g = f * b / t / 1e9
     print(f"| {name} | {t / b:.3f} | {b / t:.2f} | {g:.0f} | {g / best:.0%} |")
   print(f"| pool + unpool (fwd+bwd) share of the train step | {share:.1%} | | | |")
+  if args.inference:
+    inference_table(nnx.merge(graphdef, holder[0].params, holder[0].batch_stats), args.repeats)
+
+
+def inference_table(model, repeats: int):
+  """Seconds per VOC-sized image (500x375) for 50 proposals, split by part."""
+  image = make_example(np.random.default_rng(0), 375, 375)[0]
+  image = np.concatenate([image, image[:, :125]], 1)  # 375 x 500
+  segmenter = Segmenter(model, InferenceConfig(top_k=50, batch_size=10))
+  segmenter.segment(image)  # compile
+  runs = [segmenter.segment(image).seconds for _ in range(max(1, repeats // 2))]
+  print("\n| instance-wise inference, 500x375, 50 proposals, batch 10 | s/image |\n|---|---:|")
+  for part in ("proposals", "network", "aggregation", "crf"):
+    print(f"| {part} | {np.median([r[part] for r in runs]):.2f} |")
+  print(f"| total | {np.median([sum(r.values()) for r in runs]):.2f} |")
 
 
 if __name__ == "__main__":

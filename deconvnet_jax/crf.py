@@ -40,7 +40,8 @@ def _checked(image, prob) -> tuple[np.ndarray, np.ndarray]:
   if image.shape[:2] != prob.shape[:2]:
     raise ValueError(f"dense_crf: image is {image.shape[0]}x{image.shape[1]} (HxW) but prob is "
                      f"{prob.shape[0]}x{prob.shape[1]}; resize the probabilities to the image first")
-  return np.ascontiguousarray(image), prob
+  # A fresh writable copy: pydensecrf rejects read-only buffers (e.g. arrays from PIL).
+  return np.array(image, order="C", copy=True), prob
 
 
 def check_available():

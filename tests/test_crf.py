@@ -107,3 +107,12 @@ def test_missing_pydensecrf_says_how_to_install(monkeypatch):
   image, prob = random_inputs(0, 4, 5, 2)
   with pytest.raises(ImportError, match="pip install pydensecrf2"):
     dense_crf(image, prob)
+
+
+@needs_pydensecrf
+def test_read_only_inputs_as_decoded_by_pil_work():
+  image, prob = random_inputs(5, 9, 14, 3)
+  want = dense_crf(image, prob)
+  image.flags.writeable = False
+  prob.flags.writeable = False
+  np.testing.assert_array_equal(dense_crf(image, prob), want)

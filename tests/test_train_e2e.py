@@ -13,12 +13,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import evaluate
 import infer
 import train
-from deconvnet_jax import checkpoints
+from deconvnet_jax import checkpoints, metrics
 from deconvnet_jax.configs import model_config
 from deconvnet_jax.data.generated import generate
-from deconvnet_jax.models import build_model, get_variables
+from deconvnet_jax.data.voc import read_example, read_split
+from deconvnet_jax.inference import InferenceConfig, Segmenter
+from deconvnet_jax.models import build_model, get_variables, set_variables
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +80,6 @@ def test_load_model_gives_the_trained_network_and_rejects_mismatch(data, tmp_pat
     np.testing.assert_array_equal(x, np.asarray(y))
   other = build_model(model_config("small", num_classes=5))
   with pytest.raises(ValueError, match=r"score/bias has shape \(21,\), the model expects \(5,\)"):
-    from deconvnet_jax.models import set_variables  # pylint: disable=import-outside-toplevel
     set_variables(other, variables, source=str(tmp_path))
 
 
@@ -174,3 +176,20 @@ def test_kill_9_loses_no_checkpoint_and_resume_works_on_8_devices(data, tmp_path
   assert proc.returncode == 0, out[-3000:]
   assert f"resuming from {tmp_path / 'checkpoints' / str(steps[-1])}" in out
   assert checkpoints.read_meta(tmp_path / "checkpoints")["step"] == steps[-1] + 2
+
+
+def test_evaluate_scores_the_variants_with_the_shared_metric(data, tmp_path, capsys):
+  run_train(data, tmp_path / "run", 2)
+  assert evaluate.main(["--checkpoint", str(tmp_path / "run"), "--data", str(data), "--top-k", "5",
+                        "--crf-processes", "1", "--output", str(tmp_path / "eval")]) == 0
+  results = json.loads((tmp_path / "eval" / "results.json").read_text())
+  assert list(results["variants"]) == ["whole image", "DeconvNet", "DeconvNet+CRF"]
+  assert "| DeconvNet+CRF |" in (tmp_path / "eval" / "results.md").read_text()
+  # The whole-image row equals a direct count with the same metric code.
+  model, _ = checkpoints.load_model(tmp_path / "run")
+  whole = Segmenter(model, InferenceConfig(mode="whole", crf=False))
+  conf = np.zeros((21, 21), np.int64)
+  for image_id in read_split(data, "val"):
+    ex = read_example(data, image_id)
+    conf += metrics.confusion_matrix(ex.label, whole.segment(ex.image).label, 21)
+  assert np.isclose(results["variants"]["whole image"]["miou"], metrics.mean_iou(conf))
