@@ -48,6 +48,9 @@ def parse_args(argv=None):
   p.add_argument("--aggregation", choices=["max", "mean"], default=d.aggregation)
   p.add_argument("--no-crf", action="store_true", help="skip the dense CRF")
   p.add_argument("--crf-processes", type=int, help="parallel CRF processes (default: all cores)")
+  p.add_argument("--max-side", type=int, default=1024,
+                 help="larger images are segmented at this longer side and the labels scaled back "
+                      "(probabilities stay at the reduced size)")
   p.add_argument("--save-prob", action="store_true", help="also write NAME_prob.npy [H, W, K] float16")
   p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
   p.add_argument("--debug", action="store_true", help="report each new compilation")
@@ -67,7 +70,19 @@ def find_inputs(paths: list[Path], recursive: bool) -> list[tuple[Path, Path]]:
   return found
 
 
+def shrink(image: np.ndarray, max_side: int) -> np.ndarray:
+  """The image with its longer side at most max_side (aspect kept)."""
+  h, w = image.shape[:2]
+  if max(h, w) <= max_side:
+    return image
+  scale = max_side / max(h, w)
+  size = (max(1, round(w * scale)), max(1, round(h * scale)))
+  return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+
+
 def write_outputs(out: Path, image, label, prob, save_prob: bool):
+  if label.shape != image.shape[:2]:  # segmented at a reduced size
+    label = np.asarray(palette_image(label).resize(image.shape[1::-1], Image.Resampling.NEAREST))
   save_atomic(Image.fromarray(overlay(image, label)), out.parent / f"{out.name}_overlay.jpg", quality=90)
   if save_prob:
     save_npy_atomic(prob.astype(np.float16), out.parent / f"{out.name}_prob.npy")
@@ -127,7 +142,8 @@ def main(argv=None) -> int:
         failed.append(str(e))
         continue
       compiled = len(segmenter.net.compiled)
-      result = segmenter.segment(image, crf=False)
+      small = shrink(image, args.max_side)
+      result = segmenter.segment(small, crf=False)
       for shape in segmenter.net.compiled[compiled:] if args.debug else ():
         tqdm.write(f"debug: compiled the network for input {shape} ({path})", file=sys.stderr)
       for key in ("proposals", "network", "aggregation"):
@@ -137,7 +153,7 @@ def main(argv=None) -> int:
         write_outputs(out, image, result.label, result.prob, args.save_prob)
         done.append(name)
         continue
-      future = pool.submit(crf.dense_crf, image, result.prob, config.crf_params)
+      future = pool.submit(crf.dense_crf, small, result.prob, config.crf_params)
       pending[future] = (out, image, name, time.perf_counter())
       while len(pending) > 2 * (args.crf_processes or 2):  # bound memory held by queued images
         finish(next(concurrent.futures.as_completed(pending)))

@@ -92,6 +92,7 @@ def write_bad_and_odd_images(folder, good):
   Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
   Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(folder / "sixteen.png")
   Image.fromarray(rgb[:20, :30]).save(folder / "tiny.png")
+  Image.fromarray(np.tile(rgb, (2, 5, 1))).save(folder / "large.png")  # 128 x 320: over --max-side
   rotated = Image.fromarray(rgb[:, :40])
   exif = rotated.getexif()
   exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise when shown
@@ -111,7 +112,7 @@ def test_infer_on_a_folder_writes_outputs_and_reports_bad_files(data, tmp_path, 
   bad = write_bad_and_odd_images(folder, good[0])
   out = tmp_path / "out"
   status = infer.main(["--checkpoint", str(tmp_path / "run"), "--input", str(folder),
-                       "--output", str(out), "--save-prob"])
+                       "--output", str(out), "--save-prob", "--max-side", "160"])
   assert status == 1  # some files failed
   err = capsys.readouterr().err
   for name in bad:
@@ -125,11 +126,12 @@ def test_infer_on_a_folder_writes_outputs_and_reports_bad_files(data, tmp_path, 
     assert label.size == (source.shape[1], source.shape[0])
     assert np.asarray(label).max() < 21
     prob = np.load(out / f"{stem}_prob.npy")
-    assert prob.shape == (*source.shape[:2], 21)
+    assert prob.shape == ((64, 160, 21) if stem == "large" else (*source.shape[:2], 21))
     np.testing.assert_allclose(prob.astype(np.float32).sum(-1), 1.0, atol=1e-2)
     assert (out / f"{stem}_overlay.jpg").exists()
   assert Image.open(out / "exif.png").size == (64, 40)  # rotated upright before segmenting
   assert not list(out.glob(".tmp-*"))
+  assert "large.png" in (out / "index.html").read_text() and "legend" in (out / "index.html").read_text().lower()
   # A second run skips what exists unless --overwrite.
   infer.main(["--checkpoint", str(tmp_path / "run"), "--input", str(folder), "--output", str(out)])
   assert f"0 segmented, {len(ok)} skipped" in capsys.readouterr().out
