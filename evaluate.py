@@ -4,9 +4,11 @@
   python evaluate.py --checkpoint runs/default            # generated data's val split
 
 Variants: whole-image forward, DeconvNet (instance-wise), DeconvNet+CRF, and with
---fcn-checkpoint EDeconvNet, EDeconvNet+CRF and FCN-8s alone. The confusion
-matrix is the VOC devkit's (255 ignored, mean over classes present). Writes a
-Markdown table and JSON next to the checkpoint unless --output says otherwise.
+--fcn-checkpoint EDeconvNet, EDeconvNet+CRF and FCN-8s alone; with --curve, the
+DeconvNet mIoU for each number of proposals per image (the paper's figure). The
+confusion matrix is the VOC devkit's (255 ignored, mean over classes present).
+Per-image results are cached, so an interrupted run resumes where it stopped.
+Writes results.md / results.json (and curve.png) to --output (default: the checkpoint).
 """
 
 import argparse
@@ -20,8 +22,10 @@ from tqdm import tqdm
 
 from deconvnet_jax import aggregate, checkpoints, crf, metrics
 from deconvnet_jax.data import voc
+from deconvnet_jax.images import save_atomic
 from deconvnet_jax.inference import InferenceConfig, Segmenter
 from deconvnet_jax.train_loop import DEFAULT_DATA
+from deconvnet_jax.plots import line_plot
 
 PAPER = {"FCN-8s": 62.2, "DeconvNet": 69.6, "DeconvNet+CRF": 70.5, "EDeconvNet": 71.7,
          "EDeconvNet+CRF": 72.5}  # VOC 2012 test, mean IoU % (SPEC.md section 5)
@@ -35,62 +39,97 @@ def parse_args(argv=None):
   p.add_argument("--split", default="val")
   p.add_argument("--limit", type=int, help="only the first N images of the split")
   p.add_argument("--top-k", type=int, default=InferenceConfig().top_k)
+  p.add_argument("--curve", type=int, nargs="*", help="also score these proposal counts, e.g. 1 2 5 10 20 50")
   p.add_argument("--input-size", type=int)
+  p.add_argument("--chunk", type=int, default=8, help="images whose CRFs run in parallel at a time")
   p.add_argument("--crf-processes", type=int)
-  p.add_argument("--output", type=Path, help="folder for results.md / results.json")
+  p.add_argument("--output", type=Path, help="folder for results.md / results.json / cache")
   return p.parse_args(argv)
+
+
+class Evaluator:
+  """Per-image confusion matrices of every variant, for one checkpoint."""
+
+  def __init__(self, model, fcn, config: InferenceConfig, curve: list[int]):
+    self.k = model.config.num_classes
+    self.whole = Segmenter(model, dataclasses.replace(config, mode="whole"))
+    self.instance = Segmenter(model, config)
+    self.fcn = Segmenter(fcn, dataclasses.replace(config, mode="whole")).net if fcn is not None else None
+    self.curve = curve
+
+  def network_part(self, ex: voc.Example) -> tuple[dict, dict]:
+    """(confusion matrices of the variants without CRF, probabilities awaiting the CRF)."""
+    k, hw, seconds = self.k, ex.label.shape, Segmenter.new_seconds()
+    conf = lambda pred: metrics.confusion_matrix(ex.label, pred, k)
+    out = {"whole image": conf(self.whole.segment(ex.image).label)}
+    maps, squares = self.instance.proposal_maps(ex.image, seconds)
+    scores = self.instance.combine(maps, squares, hw, seconds)
+    out["DeconvNet"] = conf(scores.argmax(-1))
+    for n in self.curve:  # proposals come best first: the top n are a prefix
+      out[f"DeconvNet, {n} proposals"] = conf(self.instance.combine(maps[:n], squares[:n], hw, seconds).argmax(-1))
+    to_refine = {"DeconvNet+CRF": aggregate.softmax(scores)}
+    if self.fcn is not None:
+      fcn_scores = self.fcn.whole_image(ex.image)
+      out["FCN-8s"] = conf(fcn_scores.argmax(-1))
+      eprob = aggregate.softmax(aggregate.ensemble(scores, fcn_scores))
+      out["EDeconvNet"] = conf(eprob.argmax(-1))
+      to_refine["EDeconvNet+CRF"] = eprob
+    return out, to_refine
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
   model, meta = checkpoints.load_model(args.checkpoint)
   fcn = checkpoints.load_model(args.fcn_checkpoint)[0] if args.fcn_checkpoint else None
-  k = model.config.num_classes
   size = args.input_size or meta.get("train_config", {}).get("crop", 224)
-  cfg = InferenceConfig(top_k=args.top_k, input_size=size, crf=False)
-  whole = Segmenter(model, dataclasses.replace(cfg, mode="whole"))
-  instance = Segmenter(model, cfg)
-  fcn_net = Segmenter(fcn, dataclasses.replace(cfg, mode="whole")).net if fcn is not None else None
+  config = InferenceConfig(top_k=max([args.top_k, *(args.curve or [])]), input_size=size, crf=False)
+  evaluator = Evaluator(model, fcn, config, sorted(args.curve or []))
+  out_dir = args.output or Path(args.checkpoint)
+  cache = out_dir / "cache" / args.split
+  cache.mkdir(parents=True, exist_ok=True)
   ids = voc.read_split(args.data, args.split)[:args.limit]
-  conf: dict[str, np.ndarray] = {}
-  images, to_refine = [], {}
+  todo = [i for i in ids if not (cache / f"{i}.npz").exists()]
+  if len(todo) < len(ids):
+    print(f"resuming: {len(ids) - len(todo)} of {len(ids)} images already scored in {cache}")
 
-  def add(name, label, pred):
-    conf.setdefault(name, np.zeros((k, k), np.int64))
-    conf[name] += metrics.confusion_matrix(label, pred, k)
+  with tqdm(total=len(ids), initial=len(ids) - len(todo), desc=f"evaluating {args.split}",
+            dynamic_ncols=True) as bar:
+    for start in range(0, len(todo), args.chunk):
+      chunk = [voc.read_example(args.data, i, evaluator.k) for i in todo[start:start + args.chunk]]
+      parts = [evaluator.network_part(ex) for ex in chunk]
+      for name in parts[0][1] if parts else ():
+        refined = crf.dense_crf_many([ex.image for ex in chunk], [p[1][name] for p in parts],
+                                     processes=args.crf_processes)
+        for ex, (confs, _), prob in zip(chunk, parts, refined):
+          confs[name] = metrics.confusion_matrix(ex.label, prob.argmax(-1), evaluator.k)
+      for ex, (confs, _) in zip(chunk, parts):
+        tmp = cache / f".tmp-{ex.image_id}.npz"
+        np.savez(tmp, **confs)
+        tmp.replace(cache / f"{ex.image_id}.npz")
+      bar.update(len(chunk))
 
-  for image_id in tqdm(ids, desc=f"evaluating {args.split}", dynamic_ncols=True):
-    ex = voc.read_example(args.data, image_id, k)
-    add("whole image", ex.label, whole.segment(ex.image).label)
-    scores, _ = instance.scores(ex.image)
-    prob = aggregate.softmax(scores)
-    add("DeconvNet", ex.label, prob.argmax(-1))
-    images.append((ex.image, ex.label))
-    to_refine.setdefault("DeconvNet+CRF", []).append(prob)
-    if fcn_net is not None:
-      fcn_scores = fcn_net.whole_image(ex.image)
-      add("FCN-8s", ex.label, fcn_scores.argmax(-1))
-      eprob = aggregate.softmax(aggregate.ensemble(scores, fcn_scores))
-      add("EDeconvNet", ex.label, eprob.argmax(-1))
-      to_refine.setdefault("EDeconvNet+CRF", []).append(eprob)
-  for name, probs in to_refine.items():
-    refined = crf.dense_crf_many([im for im, _ in images], probs, processes=args.crf_processes)
-    for (_, label), prob in zip(images, refined):
-      add(name, label, prob.argmax(-1))
-
+  totals: dict[str, np.ndarray] = {}
+  for image_id in ids:
+    with np.load(cache / f"{image_id}.npz") as confs:
+      for name in confs.files:
+        totals[name] = totals.get(name, 0) + confs[name]
   rows = {name: {"miou": metrics.mean_iou(c), "pixel_acc": metrics.pixel_accuracy(c),
                  "iou": [None if np.isnan(x) else round(float(x), 4) for x in metrics.iou_per_class(c)]}
-          for name, c in conf.items()}
+          for name, c in totals.items()}
   lines = ["| variant | mIoU % | pixel acc % | paper (VOC 2012 test) |", "|---|---:|---:|---:|"]
   for name, r in rows.items():
     lines.append(f"| {name} | {100 * r['miou']:.1f} | {100 * r['pixel_acc']:.1f} | {PAPER.get(name, '')} |")
   table = "\n".join(lines)
   print(f"{len(ids)} images of {args.data} / {args.split}\n{table}")
-  out = args.output or Path(args.checkpoint)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "results.md").write_text(table + "\n")
-  (out / "results.json").write_text(json.dumps({"split": args.split, "images": len(ids), "variants": rows,
-                                                "class_names": meta["class_names"]}, indent=2))
+  (out_dir / "results.md").write_text(table + "\n")
+  (out_dir / "results.json").write_text(json.dumps(
+      {"split": args.split, "images": len(ids), "variants": rows, "class_names": meta["class_names"]},
+      indent=2))
+  if args.curve:
+    xs = sorted(args.curve)
+    ys = [100 * rows[f"DeconvNet, {n} proposals"]["miou"] for n in xs]
+    save_atomic(line_plot(xs, ys, "mIoU against proposals per image", "proposals per image", "mIoU %"),
+                out_dir / "curve.png")
   return 0
 
 

@@ -80,8 +80,8 @@ class Segmenter:
     self.fcn = Network(fcn) if fcn is not None else None
     self.config = config
 
-  def proposal_scores(self, image: np.ndarray, seconds: dict) -> np.ndarray:
-    """Aggregated DeconvNet scores [H, W, K] from the image's top-K proposals."""
+  def proposal_maps(self, image: np.ndarray, seconds: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Network scores of the top-K proposals, best first: ([K, S, S, C], squares [K, 3])."""
     cfg, norm = self.config, self.net.config.input_norm
     start = time.perf_counter()
     boxes, _ = proposals.propose(image, top_k=cfg.top_k, min_size=cfg.min_size)
@@ -97,22 +97,29 @@ class Segmenter:
     scores = np.concatenate([self.net(crops[i:i + cfg.batch_size])
                              for i in range(0, len(crops), cfg.batch_size)])[:len(squares)]
     seconds["network"] += time.perf_counter() - start
+    return scores, squares
 
+  def combine(self, scores: np.ndarray, squares: np.ndarray, image_hw, seconds: dict) -> np.ndarray:
+    """Reliable proposals' scores pasted into one [H, W, C] map."""
     start = time.perf_counter()
-    keep = aggregate.reliable(scores, min_foreground=cfg.min_foreground)
-    out = aggregate.paste(scores[keep], squares[keep], image.shape[:2], cfg.aggregation)
+    keep = aggregate.reliable(scores, min_foreground=self.config.min_foreground)
+    out = aggregate.paste(scores[keep], squares[keep], image_hw, self.config.aggregation)
     seconds["aggregation"] += time.perf_counter() - start
     return out
 
+  @staticmethod
+  def new_seconds() -> dict:
+    return dict.fromkeys(("proposals", "network", "aggregation", "crf"), 0.0)
+
   def scores(self, image: np.ndarray) -> tuple[np.ndarray, dict]:
     """Class scores [H, W, K] before softmax (ensembled with FCN-8s when one is given)."""
-    seconds = dict.fromkeys(("proposals", "network", "aggregation", "crf"), 0.0)
+    seconds = self.new_seconds()
     if self.config.mode == "whole":
       start = time.perf_counter()
       out = self.net.whole_image(image)
       seconds["network"] += time.perf_counter() - start
     elif self.config.mode == "instance":
-      out = self.proposal_scores(image, seconds)
+      out = self.combine(*self.proposal_maps(image, seconds), image.shape[:2], seconds)
     else:
       raise ValueError(f"unknown inference mode {self.config.mode!r}")
     if self.fcn is not None:

@@ -21,6 +21,8 @@ from deconvnet_jax.ops import max_pool_with_argmax, max_unpool, pooled_size
 VGG16_PLAN = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 # Decoder stage 5 first: unpool with pool5's argmax, then these deconvs.
 DECODER_PLAN = ((512, 512, 512), (512, 512, 256), (256, 256, 128), (128, 64), (64, 64))
+# Names of DeconvNet.decoder_activations in decoder order (jit returns dicts key-sorted).
+DECODER_ACTIVATIONS = tuple(f"{kind}{s}" for s in range(5, 0, -1) for kind in ("unpool", "deconv"))
 
 he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
 gaussian = nnx.initializers.normal(0.01)
@@ -180,15 +182,32 @@ class DeconvNet(nnx.Module):
     self.score = nnx.Conv(cin, config.num_classes, (1, 1), dtype=dt, kernel_init=gaussian, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    return self.score(self._decode(x)).astype(jnp.float32)
+
+  def decoder_activations(self, x: jax.Array) -> dict[str, jax.Array]:
+    """The paper's analysis maps: {"unpool5", "deconv5", ..., "unpool1", "deconv1"}, each [B, h, w, C].
+
+    "deconvS" is the output of stage S's last deconv block, "unpoolS" its input.
+    """
+    activations = {}
+    self._decode(x, activations)
+    return activations
+
+  def _decode(self, x: jax.Array, activations: dict | None = None) -> jax.Array:
+    """[B, H, W, 3] -> deconv1_2 features [B, H, W, C1]; fills `activations` if given."""
     check_input_size(x, self.config)
     pools = self.encoder.features(x)
     x = self.fc6_deconv(self.encoder.fc(pools[-1][0]))  # [B, h5, w5, C5]
     for s, plan in zip(range(5, 0, -1), DECODER_PLAN):
       _, indices, hw = pools[s - 1]
-      x = max_unpool(x, indices, hw, self.config.unpool_method)
+      x = max_unpool(x, indices, hw, self.config.unpool_method)  # sparse: one nonzero per window
+      if activations is not None:
+        activations[f"unpool{s}"] = x
       for i in range(1, len(plan) + 1):
         x = getattr(self, f"deconv{s}_{i}")(x)
-    return self.score(x).astype(jnp.float32)
+      if activations is not None:
+        activations[f"deconv{s}"] = x
+    return x
 
 
 def check_input_size(x: jax.Array, config: ModelConfig):

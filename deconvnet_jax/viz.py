@@ -5,7 +5,7 @@ import urllib.parse
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from deconvnet_jax.data.voc import voc_colormap
 
@@ -61,3 +61,28 @@ margin:0 4px 0 10px;border:1px solid #555}}</style></head><body>
   tmp.write_text(page, encoding="utf-8")
   tmp.replace(path)
   return path
+
+
+def activation_grid(activations: dict[str, np.ndarray], channels: int = 6, panel: int = 96,
+                    label_width: int = 110) -> np.ndarray:
+  """The paper's decoder figure for the first image: [H, W, 3] uint8, one row per layer (dict order).
+
+  Each row: the layer name and its fraction of nonzero entries, then its `channels` most
+  active channels (largest mean), each min-max scaled to 0-255 and resized (nearest).
+  """
+  gap = 2
+  width = label_width + channels * (panel + gap)
+  grid = Image.new("RGB", (width, len(activations) * (panel + gap)), (32, 32, 32))
+  draw = ImageDraw.Draw(grid)
+  for row, (name, a) in enumerate(activations.items()):
+    a = np.asarray(a[0], np.float32)  # [h, w, C]
+    top = row * (panel + gap)
+    draw.text((4, top + 4), name, fill=(255, 255, 255))
+    draw.text((4, top + 20), f"nonzero: {np.count_nonzero(a) / a.size:.3f}", fill=(200, 200, 200))
+    for col, c in enumerate(np.argsort(-a.mean(axis=(0, 1)), kind="stable")[:channels]):
+      m = a[..., c]
+      lo, hi = m.min(), m.max()
+      m = (m - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(m)
+      im = Image.fromarray(m.astype(np.uint8)).resize((panel, panel), Image.Resampling.NEAREST)
+      grid.paste(im.convert("RGB"), (label_width + col * (panel + gap), top))
+  return np.asarray(grid)

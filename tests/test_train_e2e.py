@@ -182,10 +182,17 @@ def test_kill_9_loses_no_checkpoint_and_resume_works_on_8_devices(data, tmp_path
 
 def test_evaluate_scores_the_variants_with_the_shared_metric(data, tmp_path, capsys):
   run_train(data, tmp_path / "run", 2)
-  assert evaluate.main(["--checkpoint", str(tmp_path / "run"), "--data", str(data), "--top-k", "5",
-                        "--crf-processes", "1", "--output", str(tmp_path / "eval")]) == 0
+  argv = ["--checkpoint", str(tmp_path / "run"), "--data", str(data), "--top-k", "5", "--curve", "1", "3",
+          "--crf-processes", "1", "--chunk", "3", "--output", str(tmp_path / "eval")]
+  assert evaluate.main(argv) == 0
   results = json.loads((tmp_path / "eval" / "results.json").read_text())
-  assert list(results["variants"]) == ["whole image", "DeconvNet", "DeconvNet+CRF"]
+  assert list(results["variants"]) == ["whole image", "DeconvNet", "DeconvNet, 1 proposals",
+                                       "DeconvNet, 3 proposals", "DeconvNet+CRF"]
+  assert Image.open(tmp_path / "eval" / "curve.png").size == (640, 420)
+  capsys.readouterr()
+  assert evaluate.main(argv) == 0  # everything cached: resumes, same numbers
+  assert "resuming: 4 of 4 images already scored" in capsys.readouterr().out
+  assert json.loads((tmp_path / "eval" / "results.json").read_text()) == results
   assert "| DeconvNet+CRF |" in (tmp_path / "eval" / "results.md").read_text()
   # The whole-image row equals a direct count with the same metric code.
   model, _ = checkpoints.load_model(tmp_path / "run")
