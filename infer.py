@@ -26,7 +26,8 @@ from tqdm import tqdm
 from deconvnet_jax import checkpoints, crf
 from deconvnet_jax.images import IMAGE_SUFFIXES, ImageError, load_rgb, save_atomic, save_npy_atomic
 from deconvnet_jax.inference import InferenceConfig, Segmenter
-from deconvnet_jax.viz import gallery_html, overlay, palette_image
+from deconvnet_jax.data.voc import read_index_png
+from deconvnet_jax.viz import error_map, gallery_html, overlay, palette_image
 
 
 def parse_args(argv=None):
@@ -52,6 +53,8 @@ def parse_args(argv=None):
                  help="larger images are segmented at this longer side and the labels scaled back "
                       "(probabilities stay at the reduced size)")
   p.add_argument("--save-prob", action="store_true", help="also write NAME_prob.npy [H, W, K] float16")
+  p.add_argument("--ground-truth", type=Path, help="folder of class-index PNGs named like the images "
+                 "(e.g. VOC2012/SegmentationClass): adds NAME_error.png and error maps to the gallery")
   p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
   p.add_argument("--debug", action="store_true", help="report each new compilation")
   return p.parse_args(argv)
@@ -80,10 +83,18 @@ def shrink(image: np.ndarray, max_side: int) -> np.ndarray:
   return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
 
 
-def write_outputs(out: Path, image, label, prob, save_prob: bool):
+def write_outputs(out: Path, image, label, prob, save_prob: bool, truth_dir: Path | None = None):
   if label.shape != image.shape[:2]:  # segmented at a reduced size
     label = np.asarray(palette_image(label).resize(image.shape[1::-1], Image.Resampling.NEAREST))
   save_atomic(Image.fromarray(overlay(image, label)), out.parent / f"{out.name}_overlay.jpg", quality=90)
+  truth_path = truth_dir / f"{out.name}.png" if truth_dir else None
+  if truth_path is not None and truth_path.exists():
+    truth = read_index_png(truth_path)
+    if truth.shape == label.shape:
+      save_atomic(Image.fromarray(error_map(image, label, truth)), out.parent / f"{out.name}_error.png")
+    else:
+      tqdm.write(f"warning: {truth_path} is {truth.shape[1]}x{truth.shape[0]}, its image "
+                 f"{label.shape[1]}x{label.shape[0]}: no error map", file=sys.stderr)
   if save_prob:
     save_npy_atomic(prob.astype(np.float16), out.parent / f"{out.name}_prob.npy")
   save_atomic(palette_image(label), out.parent / f"{out.name}.png")  # last: marks the image done
@@ -125,7 +136,7 @@ def main(argv=None) -> int:
     out, image, name, started = pending.pop(future)
     prob = future.result()
     totals["crf"] += time.perf_counter() - started
-    write_outputs(out, image, prob.argmax(-1).astype(np.uint8), prob, args.save_prob)
+    write_outputs(out, image, prob.argmax(-1).astype(np.uint8), prob, args.save_prob, args.ground_truth)
     done.append(name)
 
   try:
@@ -150,7 +161,7 @@ def main(argv=None) -> int:
         totals[key] += result.seconds[key]
       entries.append(name)
       if pool is None:
-        write_outputs(out, image, result.label, result.prob, args.save_prob)
+        write_outputs(out, image, result.label, result.prob, args.save_prob, args.ground_truth)
         done.append(name)
         continue
       future = pool.submit(crf.dense_crf, small, result.prob, config.crf_params)

@@ -24,6 +24,15 @@ def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.5) -> np.ndar
   return blend.astype(np.uint8)
 
 
+def error_map(image: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+  """Where the prediction is wrong (red) or right (green) over a dimmed image; void left grey."""
+  out = (0.4 * image.astype(np.float32) + 0.3 * 128).astype(np.uint8)
+  known = truth != 255
+  out[known & (pred == truth)] = (0.5 * out[known & (pred == truth)] + (0, 110, 0)).astype(np.uint8)
+  out[known & (pred != truth)] = (230, 30, 30)
+  return out
+
+
 def legend_html(class_ids, class_names) -> str:
   cmap = voc_colormap()
   return " ".join(
@@ -42,9 +51,11 @@ def gallery_html(out_dir, names, class_names) -> Path:
     with Image.open(label_path) as im:
       present = [int(i) for i in np.unique(np.asarray(im)) if i != 255]
     href = lambda suffix: urllib.parse.quote(f"{Path(name).as_posix()}{suffix}")
+    error = (f'<td><img src="{href("_error.png")}"></td>'
+             if (out_dir / f"{name}_error.png").exists() else "<td></td>")
     rows.append(
         f'<tr><td>{html.escape(str(name))}</td><td><img src="{href("_overlay.jpg")}"></td>'
-        f'<td><img src="{href(".png")}"></td><td>{legend_html(present, class_names)}</td></tr>')
+        f'<td><img src="{href(".png")}"></td>{error}<td>{legend_html(present, class_names)}</td></tr>')
   page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>deconvnet_jax: {len(rows)} images</title>
 <style>body{{font-family:sans-serif;margin:1em}} img{{max-width:420px;max-height:320px}}
@@ -52,7 +63,8 @@ td{{padding:4px;vertical-align:top}} .swatch{{display:inline-block;width:12px;he
 margin:0 4px 0 10px;border:1px solid #555}}</style></head><body>
 <h1>{len(rows)} segmented images</h1>
 <p>Legend: {legend_html(range(len(class_names)), class_names)}</p>
-<table><tr><th>image</th><th>overlay</th><th>classes (VOC palette)</th><th>found</th></tr>
+<p>Errors (when ground truth was given): red wrong, green right, grey void.</p>
+<table><tr><th>image</th><th>overlay</th><th>classes (VOC palette)</th><th>errors</th><th>found</th></tr>
 {chr(10).join(rows)}
 </table></body></html>
 """

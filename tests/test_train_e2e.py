@@ -112,13 +112,14 @@ def test_infer_on_a_folder_writes_outputs_and_reports_bad_files(data, tmp_path, 
   bad = write_bad_and_odd_images(folder, good[0])
   out = tmp_path / "out"
   status = infer.main(["--checkpoint", str(tmp_path / "run"), "--input", str(folder),
-                       "--output", str(out), "--save-prob", "--max-side", "160"])
+                       "--output", str(out), "--save-prob", "--max-side", "160",
+                       "--ground-truth", str(data / "SegmentationClass")])
   assert status == 1  # some files failed
   err = capsys.readouterr().err
   for name in bad:
     assert f"{name}: not a readable image" in err
   ok = sorted(p.stem for p in folder.iterdir() if p.name not in bad)
-  assert sorted(p.stem for p in out.glob("*.png")) == ok
+  assert sorted(p.stem for p in out.glob("*.png") if not p.stem.endswith("_error")) == ok
   for stem in ok:
     label = Image.open(out / f"{stem}.png")
     assert label.mode == "P"
@@ -132,6 +133,15 @@ def test_infer_on_a_folder_writes_outputs_and_reports_bad_files(data, tmp_path, 
   assert Image.open(out / "exif.png").size == (64, 40)  # rotated upright before segmenting
   assert not list(out.glob(".tmp-*"))
   assert "large.png" in (out / "index.html").read_text() and "legend" in (out / "index.html").read_text().lower()
+  # Error maps for the images that have ground truth: red exactly where prediction and truth differ.
+  for path in good:
+    error = np.asarray(Image.open(out / f"{path.stem}_error.png"))
+    pred, truth = np.asarray(Image.open(out / f"{path.stem}.png")), np.asarray(Image.open(
+        data / "SegmentationClass" / f"{path.stem}.png"))
+    wrong = (pred != truth) & (truth != 255)
+    np.testing.assert_array_equal(np.all(error == (230, 30, 30), -1), wrong)
+    assert f"{path.stem}_error.png" in (out / "index.html").read_text()
+  assert not (out / "gray_error.png").exists()
   # A second run skips what exists unless --overwrite.
   infer.main(["--checkpoint", str(tmp_path / "run"), "--input", str(folder), "--output", str(out)])
   assert f"0 segmented, {len(ok)} skipped" in capsys.readouterr().out
