@@ -212,3 +212,15 @@ def test_evaluate_scores_the_variants_with_the_shared_metric(data, tmp_path, cap
     ex = read_example(data, image_id)
     conf += metrics.confusion_matrix(ex.label, whole.segment(ex.image).label, 21)
   assert np.isclose(results["variants"]["whole image"]["miou"], metrics.mean_iou(conf))
+
+
+def test_evaluate_with_an_fcn_checkpoint_scores_the_ensemble(data, tmp_path):
+  run_train(data, tmp_path / "deconv", 2)
+  run_train(data, tmp_path / "fcn", 2, model="fcn8s-small", stage=0, lr=0.001)
+  assert evaluate.main(["--checkpoint", str(tmp_path / "deconv"), "--fcn-checkpoint", str(tmp_path / "fcn"),
+                        "--data", str(data), "--top-k", "3", "--crf-processes", "1",
+                        "--output", str(tmp_path / "eval")]) == 0
+  variants = json.loads((tmp_path / "eval" / "results.json").read_text())["variants"]
+  assert set(variants) == {"whole image", "DeconvNet", "DeconvNet+CRF", "FCN-8s", "EDeconvNet",
+                           "EDeconvNet+CRF"}
+  assert all(0.0 <= v["miou"] <= 1.0 for v in variants.values())
