@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from deconvnet_jax.configs import ModelConfig
-from deconvnet_jax.ops import max_pool_with_argmax, max_unpool, pooled_size
+from deconvnet_jax.ops import max_pool_with_argmax, max_unpool
 
 VGG16_PLAN = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 # Decoder stage 5 first: unpool with pool5's argmax, then these deconvs.

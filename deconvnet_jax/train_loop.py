@@ -15,7 +15,7 @@ from tqdm import tqdm
 from deconvnet_jax import checkpoints, configs, metrics, proposals, training
 from deconvnet_jax.data import examples as ex_lib
 from deconvnet_jax.data import generated, pipeline, voc
-from deconvnet_jax.models import build_model, get_variables, set_variables
+from deconvnet_jax.models import build_model, set_variables
 
 DEFAULT_DATA = Path("data/generated")
 
