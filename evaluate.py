@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from deconvnet_jax import aggregate, checkpoints, crf, metrics
 from deconvnet_jax.data import voc
-from deconvnet_jax.images import save_atomic
+from deconvnet_jax.images import atomic_path, save_atomic
 from deconvnet_jax.inference import InferenceConfig, Segmenter
 from deconvnet_jax.train_loop import DEFAULT_DATA
 from deconvnet_jax.plots import line_plot
@@ -103,9 +103,8 @@ def main(argv=None) -> int:
         for ex, (confs, _), prob in zip(chunk, parts, refined):
           confs[name] = metrics.confusion_matrix(ex.label, prob.argmax(-1), evaluator.k)
       for ex, (confs, _) in zip(chunk, parts):
-        tmp = cache / f".tmp-{ex.image_id}.npz"
-        np.savez(tmp, **confs)
-        tmp.replace(cache / f"{ex.image_id}.npz")
+        with atomic_path(cache / f"{ex.image_id}.npz") as tmp:
+          np.savez(tmp, **confs)
       bar.update(len(chunk))
 
   totals: dict[str, np.ndarray] = {}

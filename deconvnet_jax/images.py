@@ -1,5 +1,6 @@
 """Reading any image a user may have as RGB uint8, and writing files atomically."""
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -36,27 +37,27 @@ def load_rgb(path) -> np.ndarray:
     raise ImageError(f"{path}: not a readable image ({e})") from e
 
 
-def save_atomic(image: Image.Image, path, **kwargs):
-  """Writes next to `path`, then renames: readers never see a half-written file."""
+@contextlib.contextmanager
+def atomic_path(path):
+  """Yields a temporary path beside `path`, renamed onto it only if the block succeeds:
+  readers never see a half-written file."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
   os.close(fd)
   try:
-    image.save(tmp, **kwargs)
+    yield tmp
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)
     raise
+
+
+def save_atomic(image: Image.Image, path, **kwargs):
+  with atomic_path(path) as tmp:
+    image.save(tmp, **kwargs)
 
 
 def save_npy_atomic(array: np.ndarray, path):
-  path = Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npy")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.save(f, array)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  with atomic_path(path) as tmp:
+    np.save(tmp, array)

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from deconvnet_jax.data.voc import voc_colormap
+from deconvnet_jax.images import atomic_path
 
 
 def palette_image(mask: np.ndarray) -> Image.Image:
@@ -69,9 +70,8 @@ margin:0 4px 0 10px;border:1px solid #555}}</style></head><body>
 </table></body></html>
 """
   path = out_dir / "index.html"
-  tmp = path.with_name(".tmp-index.html")
-  tmp.write_text(page, encoding="utf-8")
-  tmp.replace(path)
+  with atomic_path(path) as tmp:
+    Path(tmp).write_text(page, encoding="utf-8")
   return path
 
 
