@@ -14,7 +14,7 @@ class ModelConfig:
   width: float = 1.0  # multiplies every conv/deconv channel count (64 ... 512)
   fc_dim: int = 4096  # fc6/fc7 channels
   fc_kernel: int = 7  # fc6 / fc6-deconv kernel; pool5 must be at least this large
-  batch_norm: bool = True  # BatchNorm after every conv / deconv (DeconvNet: always)
+  batch_norm: bool = True  # BatchNorm after every conv / deconv; False: none, or folded into them
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   dtype: str = "float32"  # compute dtype; parameters and BN statistics stay float32
@@ -24,8 +24,6 @@ class ModelConfig:
   def __post_init__(self):
     if self.arch not in ("deconvnet", "fcn8s"):
       raise ValueError(f"arch must be 'deconvnet' or 'fcn8s', got {self.arch!r}")
-    if self.arch == "deconvnet" and not self.batch_norm:
-      raise ValueError("DeconvNet has BatchNorm after every conv and deconv layer")
     if self.input_norm not in NORMALIZATIONS:
       raise ValueError(f"input_norm must be one of {NORMALIZATIONS}, got {self.input_norm!r}")
 
