@@ -46,18 +46,42 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
                      optax.sgd(lr, momentum=cfg.momentum))
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Mean per-pixel softmax cross-entropy over non-void pixels; also pixel accuracy.
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Options on the paper's plain cross-entropy (both off by default: the paper used neither)."""
 
-  logits: [B, H, W, K] float32; labels: [B, H, W] int32, 255 = void.
+  class_weights: tuple[float, ...] | None = None  # per-class loss weight, e.g. median frequency
+  label_smoothing: float = 0.0  # target = (1 - a) one-hot + a / K
+
+
+def loss_sums(logits: jax.Array, labels: jax.Array, loss: LossConfig = LossConfig()) -> dict:
+  """Sums over the batch's pixels: weighted cross-entropy, weight, correct and valid pixels.
+
+  logits: [B, H, W, K] float32; labels: [B, H, W] int32, 255 = void. The loss of
+  a batch is loss_sum / weight (a weighted mean; the plain mean without class
+  weights), so sums over micro-batches give the whole batch's loss exactly.
   """
   valid = labels != VOID
   safe = jnp.where(valid, labels, 0)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
-  count = jnp.maximum(valid.sum(), 1)
-  loss = jnp.sum(jnp.where(valid, losses, 0.0)) / count
-  correct = jnp.sum((jnp.argmax(logits, -1) == labels) & valid) / count
-  return loss, correct
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+  nll = -jnp.take_along_axis(logp, safe[..., None], -1)[..., 0]
+  if loss.label_smoothing:
+    nll = (1 - loss.label_smoothing) * nll - loss.label_smoothing * logp.mean(-1)
+  weight = valid.astype(jnp.float32)
+  if loss.class_weights is not None:
+    weight = weight * jnp.asarray(loss.class_weights, jnp.float32)[safe]
+  return {"loss_sum": jnp.sum(weight * nll), "weight": jnp.sum(weight),
+          "correct": jnp.sum((jnp.argmax(logits, -1) == labels) & valid), "valid": jnp.sum(valid)}
+
+
+def _ratio(num, den):
+  return num / jnp.maximum(den, 1e-12)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, loss: LossConfig = LossConfig()):
+  """(Mean per-pixel cross-entropy over non-void pixels, pixel accuracy); see loss_sums."""
+  s = loss_sums(logits, labels, loss)
+  return _ratio(s["loss_sum"], s["weight"]), _ratio(s["correct"], s["valid"])
 
 
 def apply_model(graphdef, params, batch_stats, images, *, train: bool):
@@ -76,20 +100,49 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation):
   return graphdef, TrainState(params, batch_stats, tx.init(params), jnp.zeros((), jnp.int32))
 
 
-def train_step(graphdef, tx, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-  """One SGD step on a batch {"image": [B, H, W, 3] float, "label": [B, H, W] int32}."""
+def train_step(graphdef, tx, state: TrainState, batch: dict, *, micro_batches: int = 1,
+               loss: LossConfig = LossConfig()) -> tuple[TrainState, dict]:
+  """One SGD step on {"image": [N, H, W, 3] float, "label": [N, H, W] int32}.
 
-  def loss_fn(params, batch_stats):
-    logits, new_stats = apply_model(graphdef, params, batch_stats, batch["image"], train=True)
-    loss, accuracy = cross_entropy(logits, batch["label"])
-    return loss, (new_stats, accuracy)
+  With micro_batches K > 1 (gradient accumulation, Caffe's iter_size), the N
+  rows run as K micro-batches of N / K (rows k, k + K, k + 2K, ...: each one
+  spread over every device) in a scan. Gradients of the summed loss are added
+  up and divided by the whole batch's weight once, so the update is that of one
+  step on all N rows, up to float rounding, whenever rows do not interact;
+  BatchNorm uses each micro-batch's statistics and updates its running averages
+  once per micro-batch, as the reference did.
+  """
 
-  (loss, (batch_stats, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params, state.batch_stats)
+  def loss_fn(params, batch_stats, micro):
+    logits, new_stats = apply_model(graphdef, params, batch_stats, micro["image"], train=True)
+    sums = loss_sums(logits, micro["label"], loss)
+    return sums["loss_sum"], (new_stats, sums)
+
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+
+  def accumulate(carry, micro):
+    grads, batch_stats = carry
+    g, (batch_stats, sums) = grad_fn(state.params, batch_stats, micro)
+    return (jax.tree.map(jnp.add, grads, g), batch_stats), sums
+
+  if micro_batches == 1:
+    grads, (batch_stats, sums) = grad_fn(state.params, state.batch_stats, batch)
+  else:
+    n = batch["label"].shape[0]
+    if n % micro_batches:
+      raise ValueError(f"batch of {n} does not split into {micro_batches} micro-batches")
+    # [N, ...] -> [K, N / K, ...]; the reshape keeps the "data" sharding on N / K.
+    micro = jax.tree.map(lambda x: x.reshape(n // micro_batches, micro_batches, *x.shape[1:])
+                         .swapaxes(0, 1), batch)
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, batch_stats), sums = jax.lax.scan(accumulate, (zeros, state.batch_stats), micro)
+    sums = jax.tree.map(jnp.sum, sums)
+  grads = jax.tree.map(lambda g: _ratio(g, sums["weight"]), grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = TrainState(params, batch_stats, opt_state, state.step + 1)
-  return new_state, {"loss": loss, "accuracy": accuracy}
+  return new_state, {"loss": _ratio(sums["loss_sum"], sums["weight"]),
+                     "accuracy": _ratio(sums["correct"], sums["valid"])}
 
 
 def eval_logits(graphdef, params, batch_stats, images: jax.Array) -> jax.Array:
@@ -114,12 +167,12 @@ def global_batch(host_batch: dict, mesh: Mesh) -> dict:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), host_batch)
 
 
-def jit_train_step(graphdef, tx, mesh: Mesh):
+def jit_train_step(graphdef, tx, mesh: Mesh, *, micro_batches: int = 1, loss: LossConfig = LossConfig()):
   """train_step jitted over `mesh`: state replicated, batch split on its leading axis."""
   replicated = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P("data"))
   return jax.jit(
-      lambda state, batch: train_step(graphdef, tx, state, batch),
+      lambda state, batch: train_step(graphdef, tx, state, batch, micro_batches=micro_batches, loss=loss),
       in_shardings=(replicated, data), out_shardings=(replicated, replicated),
       donate_argnums=0)
 

@@ -8,10 +8,11 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from deconvnet_jax import configs, training
 from deconvnet_jax.models import build_model
-from deconvnet_jax.training import cross_entropy
+from deconvnet_jax.training import LossConfig, apply_model, cross_entropy
 
 
 def test_cross_entropy_ignores_void_pixels():
@@ -27,6 +28,73 @@ def test_cross_entropy_ignores_void_pixels():
   want = -np.mean(np.take_along_axis(logp, np.where(valid, labels, 0)[..., None], -1)[..., 0][valid])
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
   np.testing.assert_allclose(float(acc), np.mean(logits.argmax(-1)[valid] == labels[valid]), rtol=1e-6)
+
+
+def numpy_cross_entropy(logits, labels, weights=None, smoothing=0.0) -> float:
+  """float64 reference: sum_i w[y_i] * CE_i / sum_i w[y_i] over non-void pixels."""
+  z = logits.astype(np.float64)
+  logp = z - z.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  valid = labels != 255
+  y = labels[valid]
+  lp = logp[valid]
+  target = np.eye(z.shape[-1])[y] * (1 - smoothing) + smoothing / z.shape[-1]
+  ce = -(target * lp).sum(-1)
+  w = np.ones_like(ce) if weights is None else np.asarray(weights, np.float64)[y]
+  return float((w * ce).sum() / w.sum())
+
+
+def test_weighted_and_smoothed_loss_match_numpy():
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(2, 6, 5, 4)).astype(np.float32) * 3
+  labels = rng.integers(0, 4, size=(2, 6, 5))
+  labels[rng.random(labels.shape) < 0.2] = 255
+  weights = (0.2, 1.5, 3.0, 0.7)
+  for cfg in (LossConfig(class_weights=weights), LossConfig(label_smoothing=0.1),
+              LossConfig(class_weights=weights, label_smoothing=0.25)):
+    loss, _ = cross_entropy(jnp.asarray(logits), jnp.asarray(labels, jnp.int32), cfg)
+    want = numpy_cross_entropy(logits, labels, cfg.class_weights, cfg.label_smoothing)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+
+
+def _one_step(config, batch, micro_batches, lr=0.05, mesh=None):
+  mesh = mesh or training.make_mesh()
+  tx = training.make_optimizer(training.OptimConfig(learning_rate=lr))
+  graphdef, state = training.init_train_state(build_model(config), tx)
+  step = training.jit_train_step(graphdef, tx, mesh, micro_batches=micro_batches)
+  state, metrics = step(training.replicate(state, mesh), batch)
+  return jax.tree.map(np.asarray, (state.params, state.batch_stats)), float(metrics["loss"])
+
+
+def test_accumulated_micro_batches_equal_one_large_batch():
+  """Without BatchNorm, 4 micro-batches of 2 give the update of one batch of 8."""
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(8, 64, 64, 3)).astype(np.float32),
+           "label": rng.integers(0, 21, size=(8, 64, 64)).astype(np.int32)}
+  batch["label"][:3, :20] = 255  # unequal void counts: the weighting must still be the whole batch's
+  config = configs.model_config("small", batch_norm=False)
+  (params1, _), loss1 = _one_step(config, batch, 1)
+  (params4, _), loss4 = _one_step(config, batch, 4)
+  np.testing.assert_allclose(loss4, loss1, rtol=1e-5)
+  init = jax.tree.map(np.asarray, nnx.state(build_model(config), nnx.Param))
+  for p1, p4, p0 in zip(jax.tree.leaves(params1), jax.tree.leaves(params4), jax.tree.leaves(init)):
+    assert np.abs(p1 - p0).max() > 0  # every parameter moved
+    np.testing.assert_allclose(p4 - p0, p1 - p0, rtol=2e-3, atol=1e-6 * np.abs(p1 - p0).max())
+
+
+def test_accumulation_updates_batchnorm_once_per_micro_batch():
+  """With BatchNorm, running statistics follow the micro-batches in order, as Caffe's iter_size."""
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(4, 64, 64, 3)).astype(np.float32) * 2 + 1,
+           "label": rng.integers(0, 21, size=(4, 64, 64)).astype(np.int32)}
+  config = configs.model_config("small")
+  (_, stats2), _ = _one_step(config, batch, 2)
+  graphdef, params, stats = nnx.split(build_model(config), nnx.Param, nnx.BatchStat)
+  update = jax.jit(lambda p, s, x: apply_model(graphdef, p, s, x, train=True)[1])
+  for k in range(2):  # micro-batch k holds rows k, k + 2
+    stats = update(params, stats, batch["image"][k::2])
+  for want, got in zip(jax.tree.leaves(jax.tree.map(np.asarray, stats)), jax.tree.leaves(stats2)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
 SCRIPT = textwrap.dedent("""
@@ -59,6 +127,18 @@ SCRIPT = textwrap.dedent("""
     # the 8-device update must stay within a few times that noise everywhere.
     for a, n, b in zip(jax.tree.leaves(update1), jax.tree.leaves(noise), jax.tree.leaves(update8)):
       assert np.linalg.norm(b - a) <= 5 * np.linalg.norm(n - a) + 1e-4 * np.linalg.norm(a) + 1e-9, a.shape
+    # Accumulation (2 micro-batches of 8) on 8 devices against 1 device.
+    big = {k: np.concatenate([v, v[::-1] * (1 if k == "label" else -1)]) for k, v in batch.items()}
+    runs = []
+    for devices in (jax.devices()[:1], jax.devices()):
+      mesh = training.make_mesh(devices)
+      graphdef, state = training.init_train_state(build_model(configs.model_config("small")), tx)
+      step = training.jit_train_step(graphdef, tx, mesh, micro_batches=2)
+      state, metrics = step(training.replicate(state, mesh), training.global_batch(big, mesh))
+      runs.append((float(metrics["loss"]), jax.tree.map(np.asarray, state.batch_stats)))
+    np.testing.assert_allclose(runs[1][0], runs[0][0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(runs[0][1]), jax.tree.leaves(runs[1][1])):
+      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
     print("OK", loss1, loss8)
 """)
 
