@@ -19,7 +19,7 @@ from flax import nnx
 from deconvnet_jax.configs import ModelConfig, model_config
 from deconvnet_jax.data.generated import make_example
 from deconvnet_jax.inference import InferenceConfig, Segmenter
-from deconvnet_jax.models import DECODER_PLAN, VGG16_PLAN, build_model
+from deconvnet_jax.models import VGG16_PLAN, build_model, forward_flops
 from deconvnet_jax.ops import max_pool_with_argmax, max_unpool
 from deconvnet_jax.training import (OptimConfig, init_train_state, jit_eval_logits, jit_train_step,
                                     make_mesh, make_optimizer, replicate)
@@ -34,30 +34,6 @@ def timeit(fn, *args, repeats: int) -> float:
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
   return float(np.median(times))
-
-
-def forward_flops(config: ModelConfig, size: int) -> float:
-  """2 x multiply-adds of every conv / deconv / fc layer for one size x size image."""
-  flops, h, cin = 0.0, size, 3
-  stage_sizes = []
-  for plan in VGG16_PLAN:
-    stage_sizes.append(h)
-    for cout in plan:
-      cout = config.channels(cout)
-      flops += 2 * h * h * 9 * cin * cout
-      cin = cout
-    h = (h + 1) // 2
-  k, fc = config.fc_kernel, config.fc_dim
-  fc_out = h - k + 1
-  flops += 2 * fc_out**2 * k * k * cin * fc + 2 * fc_out**2 * fc * fc  # fc6, fc7
-  flops += 2 * fc_out**2 * k * k * fc * cin  # fc6-deconv
-  for h, plan in zip(reversed(stage_sizes), DECODER_PLAN):
-    for cout in plan:
-      cout = config.channels(cout)
-      flops += 2 * h * h * 9 * cin * cout
-      cin = cout
-  flops += 2 * size * size * cin * config.num_classes  # score
-  return flops
 
 
 def machine_peak(repeats: int) -> list[tuple[str, float, float]]:

@@ -1,10 +1,13 @@
 """Train DeconvNet on a VOC-layout folder, or on the generated dataset when none is given.
 
   python train.py                                   # stage 1, small model, generated data
-  python train.py --stage 1 --data VOCdevkit/VOC2012 --model paper --crop 224 --batch-size 64 \
-      --steps 20000 --lr-decay-steps 9000 --workdir runs/voc_s1
-  python train.py --stage 2 --data VOCdevkit/VOC2012 --model paper --crop 224 --batch-size 64 \
-      --steps 40000 --lr-decay-steps 10000 --init-from runs/voc_s1 --workdir runs/voc_s2
+  python train.py --recipe paper-stage1 --data VOCdevkit/VOC2012 --workdir runs/voc_s1
+  python train.py --recipe paper-stage2 --data VOCdevkit/VOC2012 --init-from runs/voc_s1 \
+      --workdir runs/voc_s2
+
+A recipe (the reference solvers: batch 8 x 8 accumulated, lr 0.01 stepped down
+at 9k of 20k / 10k of 40k steps, 250 -> 224 crops) sets the defaults; flags given
+with it still win.
 
 Running again with the same --workdir resumes from its latest checkpoint.
 """
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import jax
 
-from deconvnet_jax import checkpoints, configs, train_loop
+from deconvnet_jax import checkpoints, configs, recipes, train_loop
 from deconvnet_jax.data.voc import DataError
 
 
@@ -58,6 +61,18 @@ def parse_args(argv=None) -> train_loop.TrainConfig:
                  help="call jax.distributed.initialize() first (TPU pod slices, multi-node GPU; "
                       "it reads the coordinator and process ids from the environment); "
                       "implied when JAX_COORDINATOR_ADDRESS is set")
+  p.add_argument("--accumulate", type=int, default=d.accumulate, metavar="K",
+                 help="gradient accumulation: K micro-batches of --batch-size per update")
+  p.add_argument("--recipe", choices=sorted(recipes.RECIPES),
+                 help="the paper's solver for a stage (" + "; ".join(
+                     f"{n}: {r.steps} steps, lr /10 at {r.lr_decay_steps[0]}, batch {r.batch_size} x "
+                     f"{r.accumulate}" for n, r in recipes.RECIPES.items()) + ")")
+  p.add_argument("--class-balance", action="store_true",
+                 help="weight the loss by median-frequency class weights of the training split")
+  p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+  recipe = p.parse_known_args(argv)[0].recipe
+  if recipe:
+    p.set_defaults(**recipes.RECIPES[recipe].defaults())
   a = p.parse_args(argv)
   if a.multihost or "JAX_COORDINATOR_ADDRESS" in os.environ:
     jax.distributed.initialize()
@@ -70,8 +85,9 @@ def parse_args(argv=None) -> train_loop.TrainConfig:
   return train_loop.TrainConfig(
       model=model, model_name=a.model, data=a.data, stage=a.stage, resize=a.resize,
       proposals_per_image=a.proposals_per_image, stage2_iou=a.stage2_iou, train_split=a.train_split, val_split=a.val_split,
-      steps=a.steps, epochs=a.epochs, batch_size=a.batch_size, crop=a.crop, optim=optim,
-      eval_every=a.eval_every,
+      steps=a.steps, epochs=a.epochs, batch_size=a.batch_size, accumulate=a.accumulate, crop=a.crop,
+      optim=optim, eval_every=a.eval_every, recipe=recipe, class_balance=a.class_balance,
+      label_smoothing=a.label_smoothing,
       save_every=a.save_every, keep=a.keep, seed=a.seed, workdir=a.workdir, init_from=a.init_from)
 
 

@@ -28,3 +28,26 @@ def mean_iou(conf: np.ndarray) -> float:
 
 def pixel_accuracy(conf: np.ndarray) -> float:
   return float(np.trace(conf) / max(conf.sum(), 1))
+
+
+def collapse_warning(conf: np.ndarray, class_names, share: float = 0.95, margin: float = 0.1) -> str | None:
+  """A warning when one class takes nearly every predicted pixel while ground truth is varied.
+
+  Fires when a class is predicted on >= `share` of the non-void pixels and
+  covers at least `margin` less of the ground truth: the collapse to one class
+  (usually background) that segmentation training most often ends in.
+  """
+  total = conf.sum()
+  if total == 0:
+    return None
+  predicted, truth = conf.sum(0) / total, conf.sum(1) / total
+  top = int(np.argmax(predicted))
+  if predicted[top] < share or truth[top] > predicted[top] - margin:
+    return None
+  missed = [class_names[c] for c in np.nonzero(truth > 0)[0] if c != top and conf[c, c] == 0]
+  return (f"predictions collapsed: {predicted[top]:.1%} of pixels predicted {class_names[top]!r}, "
+          f"which is {truth[top]:.1%} of the ground truth; {len(missed)} of the "
+          f"{int((truth > 0).sum())} classes present are never predicted right ({', '.join(missed[:6])}"
+          f"{', ...' if len(missed) > 6 else ''}). Common causes: a learning rate too high (--lr), "
+          "input normalisation not matching the weights, labels not matching --num-classes; "
+          "rare classes may need class balancing (--class-balance).")

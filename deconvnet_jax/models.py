@@ -259,6 +259,30 @@ class FCN8s(nnx.Module):
     return _crop(self.upscore8(x), self.OUTPUT_OFFSET, hw).astype(jnp.float32)
 
 
+def forward_flops(config: ModelConfig, size: int) -> float:
+  """DeconvNet: 2 x multiply-adds of every conv / deconv / fc layer for one size x size image."""
+  flops, h, cin = 0.0, size, 3
+  stage_sizes = []
+  for plan in VGG16_PLAN:
+    stage_sizes.append(h)
+    for cout in plan:
+      cout = config.channels(cout)
+      flops += 2 * h * h * 9 * cin * cout
+      cin = cout
+    h = (h + 1) // 2
+  k, fc = config.fc_kernel, config.fc_dim
+  fc_out = h - k + 1
+  flops += 2 * fc_out**2 * k * k * cin * fc + 2 * fc_out**2 * fc * fc  # fc6, fc7
+  flops += 2 * fc_out**2 * k * k * fc * cin  # fc6-deconv
+  for h, plan in zip(reversed(stage_sizes), DECODER_PLAN):
+    for cout in plan:
+      cout = config.channels(cout)
+      flops += 2 * h * h * 9 * cin * cout
+      cin = cout
+  flops += 2 * size * size * cin * config.num_classes  # score
+  return flops
+
+
 def build_model(config: ModelConfig, seed: int = 0) -> DeconvNet | FCN8s:
   """A freshly initialised model for the configuration."""
   cls = DeconvNet if config.arch == "deconvnet" else FCN8s

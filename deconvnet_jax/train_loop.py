@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from deconvnet_jax import checkpoints, configs, metrics, proposals, training
+from deconvnet_jax import checkpoints, class_weights, configs, metrics, proposals, recipes, training
 from deconvnet_jax.data import examples as ex_lib
 from deconvnet_jax.data import generated, pipeline, voc
 from deconvnet_jax.models import build_model, set_variables
@@ -34,7 +34,8 @@ class TrainConfig:
   stage2_iou: float = 0.5
   steps: int = 300
   epochs: float | None = None  # if set, overrides steps: epochs over the stage's examples
-  batch_size: int = 8  # global, split over all devices and hosts
+  batch_size: int = 8  # global micro-batch, split over all devices and hosts
+  accumulate: int = 1  # micro-batches per step: the update is that of batch_size * accumulate
   crop: int = 128
   resize: int | None = None  # stages 1-2: the square is resized to this before cropping; None: crop * 250/224
   optim: training.OptimConfig = training.OptimConfig()
@@ -44,6 +45,9 @@ class TrainConfig:
   seed: int = 0
   workdir: Path = Path("runs/default")
   init_from: Path | None = None  # a checkpoint whose variables start this run (fresh optimizer)
+  class_balance: bool = False  # median-frequency class weights from the training split
+  label_smoothing: float = 0.0
+  recipe: str | None = None  # a recipes.RECIPES name (already applied to the fields above)
 
 
 def resolve_data(cfg: TrainConfig) -> Path:
@@ -80,15 +84,35 @@ def training_items(cfg: TrainConfig, examples: list[voc.Example]) -> tuple[int, 
   return len(items), lambda i, rng: pipeline.crop_example(examples[items[i].index], items[i], spec, norm, rng)
 
 
-def evaluate(forward, state, examples, batch_size: int, norm: str, num_classes: int) -> dict:
-  """Full-image mIoU over `examples` with BatchNorm's stored statistics."""
+def evaluate(forward, state, examples, batch_size: int, norm: str, class_names) -> dict:
+  """Full-image mIoU and per-class IoU over `examples` with BatchNorm's stored statistics.
+
+  Adds "collapse": a warning, when the predictions collapsed onto one class.
+  """
+  num_classes = len(class_names)
   conf = np.zeros((num_classes, num_classes), np.int64)
   for images, labels in pipeline.padded_eval_batches(examples, batch_size, norm):
     pred = np.asarray(forward(state.params, state.batch_stats, images)).argmax(-1)
     conf += metrics.confusion_matrix(labels, pred, num_classes)
   ious = metrics.iou_per_class(conf)
-  return {"val_miou": metrics.mean_iou(conf), "val_pixel_acc": metrics.pixel_accuracy(conf),
-          "val_iou": [None if np.isnan(x) else round(float(x), 4) for x in ious]}
+  record = {"val_miou": metrics.mean_iou(conf), "val_pixel_acc": metrics.pixel_accuracy(conf),
+            "val_iou": [None if np.isnan(x) else round(float(x), 4) for x in ious]}
+  warning = metrics.collapse_warning(conf, class_names)
+  return record | ({"collapse": warning} if warning else {})
+
+
+def loss_config(cfg: TrainConfig, data: Path, train_set: list[voc.Example], class_names) -> training.LossConfig:
+  """The loss options; class weights are computed once per split and cached in the work dir."""
+  weights = None
+  if cfg.class_balance:
+    key = {"data": str(Path(data).absolute()), "split": cfg.train_split, "images": len(train_set),
+           "num_classes": len(class_names)}
+    labels = (ex.label for ex in tqdm(train_set, desc="class frequencies", leave=False))
+    weights = class_weights.cached_weights(cfg.workdir / "class_weights.json", key, labels, len(class_names))
+    print("median-frequency class weights: " +
+          ", ".join(f"{n} {w:.2f}" for n, w in zip(class_names, weights)))
+    weights = tuple(float(w) for w in weights)
+  return training.LossConfig(class_weights=weights, label_smoothing=cfg.label_smoothing)
 
 
 def _variables(state) -> dict:
@@ -102,9 +126,13 @@ def run(cfg: TrainConfig) -> dict:
   train_set = load_split(data, cfg.train_split, model_cfg.num_classes)
   val_set = load_split(data, cfg.val_split, model_cfg.num_classes)
 
+  class_names = voc.VOC_CLASSES[:model_cfg.num_classes]
   mesh = training.make_mesh()
   if cfg.batch_size % mesh.size:
     raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of the {mesh.size} devices")
+  if cfg.accumulate < 1:
+    raise SystemExit(f"--accumulate must be at least 1, got {cfg.accumulate}")
+  step_batch = cfg.batch_size * cfg.accumulate  # examples per update
   tx = training.make_optimizer(cfg.optim)
   model = build_model(model_cfg, cfg.seed)
   ckpt = checkpoints.Checkpoints(cfg.workdir, cfg.keep)
@@ -131,24 +159,29 @@ def run(cfg: TrainConfig) -> dict:
     print(f"resuming from {cfg.workdir / 'checkpoints' / str(start_step)}")
 
   num_items, make_example = training_items(cfg, train_set)
-  dataset = pipeline.training_dataset(num_items, make_example, cfg.batch_size // jax.process_count(),
+  dataset = pipeline.training_dataset(num_items, make_example, step_batch // jax.process_count(),
                                       cfg.seed, jax.process_index(), jax.process_count())
   batches = pipeline.batches_from(dataset, start_step)
-  step_fn = training.jit_train_step(graphdef, tx, mesh)
+  step_fn = training.jit_train_step(graphdef, tx, mesh, micro_batches=cfg.accumulate,
+                                    loss=loss_config(cfg, data, train_set, class_names))
   forward = training.jit_eval_logits(graphdef, mesh)
-  meta = checkpoints.model_meta(model_cfg, voc.VOC_CLASSES[:model_cfg.num_classes],
-                                train_config=_jsonable(cfg))
+  meta = checkpoints.model_meta(model_cfg, class_names, train_config=_jsonable(cfg))
   cfg.workdir.mkdir(parents=True, exist_ok=True)
   (cfg.workdir / "config.json").write_text(json.dumps(meta, indent=2))
   log = open(cfg.workdir / "metrics.jsonl", "a", encoding="utf-8")
   print(f"{len(train_set)} train / {len(val_set)} val images; model {cfg.model_name}; "
         f"{mesh.size} {jax.devices()[0].platform} device(s); work dir {cfg.workdir}")
+  if cfg.accumulate > 1:
+    print(f"gradient accumulation: {cfg.accumulate} micro-batches of {cfg.batch_size} per step "
+          f"(effective batch {step_batch})")
 
   interrupted = []
   previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
   record: dict = {}
   step = start_step
-  total = cfg.steps if cfg.epochs is None else math.ceil(cfg.epochs * num_items / cfg.batch_size)
+  total = cfg.steps if cfg.epochs is None else math.ceil(cfg.epochs * num_items / step_batch)
+  if cfg.recipe:
+    print(recipes.describe(cfg.recipe, model_cfg, cfg.crop, step_batch, total))
   bar = tqdm(total=total, initial=start_step, desc="train", dynamic_ncols=True)
   t0, done0 = time.perf_counter(), start_step
   try:
@@ -162,13 +195,16 @@ def run(cfg: TrainConfig) -> dict:
         if not np.isfinite(loss):
           raise SystemExit(f"step {step}: loss is {loss}; stopped. The last good checkpoint is in "
                            f"{cfg.workdir / 'checkpoints'}; lower the learning rate (--lr) and resume.")
-        rate = (step - done0) * cfg.batch_size / (time.perf_counter() - t0)
+        rate = (step - done0) * step_batch / (time.perf_counter() - t0)
         bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.1f}")
         record = {"step": step, "loss": loss, "accuracy": float(m["accuracy"]), "img_per_s": rate}
         if step % cfg.eval_every == 0 or last:
-          record |= evaluate(forward, state, val_set, cfg.batch_size, model_cfg.input_norm,
-                             model_cfg.num_classes)
-          bar.write(f"step {step}: loss {loss:.3f}, val mIoU {record['val_miou']:.3f}")
+          record |= evaluate(forward, state, val_set, cfg.batch_size, model_cfg.input_norm, class_names)
+          ious = zip(class_names, record["val_iou"]) if len(class_names) <= 21 else ()
+          bar.write(f"step {step}: loss {loss:.3f}, val mIoU {record['val_miou']:.3f}" +
+                    "".join(f", {n[:5]} {x:.2f}" for n, x in ious if x is not None))
+          if "collapse" in record:
+            bar.write(f"WARNING step {step}: {record['collapse']}")
         log.write(json.dumps(record) + "\n")
         log.flush()
       if step % cfg.save_every == 0 or last or interrupted:
