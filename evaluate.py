@@ -1,6 +1,7 @@
-"""mIoU of a checkpoint on a VOC-layout split, for several inference variants side by side.
+"""mIoU of a checkpoint on a VOC-layout or COCO split, for several inference variants side by side.
 
   python evaluate.py --checkpoint runs/voc_s2 --data VOCdevkit/VOC2012 --split val
+  python evaluate.py --checkpoint runs/coco_voc --coco COCO --split val2017   # the checkpoint's class map
   python evaluate.py --checkpoint runs/default            # generated data's val split
 
 Variants: whole-image forward, DeconvNet (instance-wise), DeconvNet+CRF, and with
@@ -21,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from deconvnet_jax import aggregate, checkpoints, crf, metrics
-from deconvnet_jax.data import voc
+from deconvnet_jax.data import coco, voc
 from deconvnet_jax.images import atomic_path, save_atomic
 from deconvnet_jax.inference import InferenceConfig, Segmenter
 from deconvnet_jax.train_loop import DEFAULT_DATA
@@ -36,7 +37,11 @@ def parse_args(argv=None):
   p.add_argument("--checkpoint", type=Path, required=True)
   p.add_argument("--fcn-checkpoint", type=Path)
   p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-  p.add_argument("--split", default="val")
+  p.add_argument("--coco", type=Path, metavar="ROOT", help="evaluate on COCO (annotations/ and SPLIT/ "
+                                                            "in ROOT) with the checkpoint's class map")
+  p.add_argument("--class-map", choices=["voc", "coco"],
+                 help="with --coco; default: the class map the checkpoint was trained with")
+  p.add_argument("--split", help="default: val (COCO: val2017)")
   p.add_argument("--limit", type=int, help="only the first N images of the split")
   p.add_argument("--top-k", type=int, default=InferenceConfig().top_k)
   p.add_argument("--curve", type=int, nargs="*", help="also score these proposal counts, e.g. 1 2 5 10 20 50")
@@ -44,7 +49,9 @@ def parse_args(argv=None):
   p.add_argument("--chunk", type=int, default=8, help="images whose CRFs run in parallel at a time")
   p.add_argument("--crf-processes", type=int)
   p.add_argument("--output", type=Path, help="folder for results.md / results.json / cache")
-  return p.parse_args(argv)
+  a = p.parse_args(argv)
+  a.split = a.split or ("val2017" if a.coco else "val")
+  return a
 
 
 class Evaluator:
@@ -77,6 +84,22 @@ class Evaluator:
     return out, to_refine
 
 
+def open_split(args, meta: dict, num_classes: int):
+  """(image ids of the split, image id -> Example); COCO keeps images without objects."""
+  if args.coco is None:
+    ids = voc.read_split(args.data, args.split)[:args.limit]
+    return ids, lambda i: voc.read_example(args.data, i, num_classes)
+  class_map = args.class_map or meta.get("train_config", {}).get("coco_class_map") or (
+      "coco" if num_classes == 81 else "voc")
+  ds = coco.CocoDataset(args.coco, args.split, class_map, skip_empty=False)
+  print(ds.summary())
+  if ds.num_classes != num_classes:
+    raise SystemExit(f"error: the {class_map} class map has {ds.num_classes} classes, the checkpoint "
+                     f"{num_classes}; pass --class-map")
+  index = {str(image_id): j for j, image_id in enumerate(ds.image_ids)}
+  return list(index)[:args.limit], lambda i: ds[index[i]]
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   model, meta = checkpoints.load_model(args.checkpoint)
@@ -87,7 +110,7 @@ def main(argv=None) -> int:
   out_dir = args.output or Path(args.checkpoint)
   cache = out_dir / "cache" / args.split
   cache.mkdir(parents=True, exist_ok=True)
-  ids = voc.read_split(args.data, args.split)[:args.limit]
+  ids, read = open_split(args, meta, evaluator.k)
   todo = [i for i in ids if not (cache / f"{i}.npz").exists()]
   if len(todo) < len(ids):
     print(f"resuming: {len(ids) - len(todo)} of {len(ids)} images already scored in {cache}")
@@ -95,7 +118,7 @@ def main(argv=None) -> int:
   with tqdm(total=len(ids), initial=len(ids) - len(todo), desc=f"evaluating {args.split}",
             dynamic_ncols=True) as bar:
     for start in range(0, len(todo), args.chunk):
-      chunk = [voc.read_example(args.data, i, evaluator.k) for i in todo[start:start + args.chunk]]
+      chunk = [read(i) for i in todo[start:start + args.chunk]]
       parts = [evaluator.network_part(ex) for ex in chunk]
       for name in parts[0][1] if parts else ():
         refined = crf.dense_crf_many([ex.image for ex in chunk], [p[1][name] for p in parts],
@@ -119,7 +142,7 @@ def main(argv=None) -> int:
   for name, r in rows.items():
     lines.append(f"| {name} | {100 * r['miou']:.1f} | {100 * r['pixel_acc']:.1f} | {PAPER.get(name, '')} |")
   table = "\n".join(lines)
-  print(f"{len(ids)} images of {args.data} / {args.split}\n{table}")
+  print(f"{len(ids)} images of {args.coco or args.data} / {args.split}\n{table}")
   (out_dir / "results.md").write_text(table + "\n")
   (out_dir / "results.json").write_text(json.dumps(
       {"split": args.split, "images": len(ids), "variants": rows, "class_names": meta["class_names"]},

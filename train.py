@@ -1,6 +1,7 @@
-"""Train DeconvNet on a VOC-layout folder, or on the generated dataset when none is given.
+"""Train DeconvNet on a VOC-layout folder, on COCO, or on the generated dataset when none is given.
 
   python train.py                                   # stage 1, small model, generated data
+  python train.py --coco COCO --class-map voc --workdir runs/coco_voc   # COCO, VOC's 20 classes
   python train.py --recipe paper-stage1 --data VOCdevkit/VOC2012 --workdir runs/voc_s1
   python train.py --recipe paper-stage2 --data VOCdevkit/VOC2012 --init-from runs/voc_s1 \
       --workdir runs/voc_s2
@@ -28,8 +29,15 @@ def parse_args(argv=None) -> train_loop.TrainConfig:
   d = train_loop.TrainConfig()
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--data", type=Path, help="VOC-layout folder (VOC2012, or generated); default: generated data")
-  p.add_argument("--train-split", default=d.train_split)
-  p.add_argument("--val-split", default=d.val_split)
+  p.add_argument("--coco", type=Path, metavar="ROOT",
+                 help="train on COCO: ROOT holds annotations/instances_SPLIT.json and SPLIT/ image "
+                      "folders (splits default to train2017 / val2017)")
+  p.add_argument("--class-map", default="voc", choices=["voc", "coco"],
+                 help="with --coco: the 20 VOC categories (21 classes) or all 80 (81 classes)")
+  p.add_argument("--skip-bad", action="store_true",
+                 help="with --coco: skip and count images with bad annotations instead of stopping")
+  p.add_argument("--train-split", help=f"default {d.train_split} (COCO: train2017)")
+  p.add_argument("--val-split", help=f"default {d.val_split} (COCO: val2017)")
   p.add_argument("--stage", type=int, default=d.stage, choices=[0, 1, 2],
                  help="1: crops around each instance; 2: crops around proposals (IoU >= 0.5 with an "
                       "instance); 0: random crops of whole images")
@@ -37,7 +45,7 @@ def parse_args(argv=None) -> train_loop.TrainConfig:
   p.add_argument("--stage2-iou", type=float, default=d.stage2_iou)
   p.add_argument("--model", default=d.model_name, choices=sorted(configs.MODELS),
                  help="named model configuration")
-  p.add_argument("--num-classes", type=int, default=21)
+  p.add_argument("--num-classes", type=int, help="default: 21 (VOC), 81 with --class-map coco")
   p.add_argument("--set", dest="overrides", metavar="FIELD=VALUE", nargs="*", default=[],
                  help="override model config fields, e.g. --set width=0.25 fc_dim=128")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -76,15 +84,22 @@ def parse_args(argv=None) -> train_loop.TrainConfig:
   a = p.parse_args(argv)
   if a.multihost or "JAX_COORDINATOR_ADDRESS" in os.environ:
     jax.distributed.initialize()
-  overrides = dict(num_classes=a.num_classes, dtype=a.dtype)
+  if a.coco and a.data:
+    p.error("--data and --coco name two datasets; give one")
+  coco = a.coco is not None
+  num_classes = a.num_classes or (81 if coco and a.class_map == "coco" else 21)
+  overrides = dict(num_classes=num_classes, dtype=a.dtype)
   for item in a.overrides:
     name, _, value = item.partition("=")
     overrides[name] = configs.parse_field(name, value)
   model = configs.model_config(a.model, **overrides)
   optim = dataclasses.replace(d.optim, learning_rate=a.lr, decay_steps=tuple(a.lr_decay_steps))
   return train_loop.TrainConfig(
-      model=model, model_name=a.model, data=a.data, stage=a.stage, resize=a.resize,
-      proposals_per_image=a.proposals_per_image, stage2_iou=a.stage2_iou, train_split=a.train_split, val_split=a.val_split,
+      model=model, model_name=a.model, data=a.coco or a.data, stage=a.stage, resize=a.resize,
+      coco_class_map=a.class_map if coco else None, skip_bad=a.skip_bad,
+      proposals_per_image=a.proposals_per_image, stage2_iou=a.stage2_iou,
+      train_split=a.train_split or ("train2017" if coco else d.train_split),
+      val_split=a.val_split or ("val2017" if coco else d.val_split),
       steps=a.steps, epochs=a.epochs, batch_size=a.batch_size, accumulate=a.accumulate, crop=a.crop,
       optim=optim, eval_every=a.eval_every, recipe=recipe, class_balance=a.class_balance,
       label_smoothing=a.label_smoothing,

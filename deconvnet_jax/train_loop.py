@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from deconvnet_jax import checkpoints, class_weights, configs, metrics, proposals, recipes, training
 from deconvnet_jax.data import examples as ex_lib
-from deconvnet_jax.data import generated, pipeline, voc
+from deconvnet_jax.data import coco, generated, pipeline, voc
 from deconvnet_jax.models import build_model, set_variables
 
 DEFAULT_DATA = Path("data/generated")
@@ -26,7 +26,9 @@ class TrainConfig:
 
   model: configs.ModelConfig = configs.MODELS["small"]
   model_name: str = "small"
-  data: Path | None = None  # VOC-layout folder; None: the generated dataset
+  data: Path | None = None  # VOC-layout or COCO folder; None: the generated dataset
+  coco_class_map: str | None = None  # set: `data` is a COCO folder read with this class map
+  skip_bad: bool = False  # COCO: skip (and count) images with bad annotations instead of stopping
   train_split: str = "train"
   val_split: str = "val"
   stage: int = 1  # 1: instance-centred crops, 2: proposal crops, 0: random crops of whole images
@@ -61,9 +63,20 @@ def resolve_data(cfg: TrainConfig) -> Path:
   return DEFAULT_DATA
 
 
-def load_split(root: Path, split: str, num_classes: int) -> list[voc.Example]:
+def load_split(cfg: TrainConfig, root: Path, split: str, training: bool):
+  """(examples, class names): a VOC split read into memory, or a lazy COCO split.
+
+  COCO training splits skip images without objects of the class map (counted);
+  evaluation splits keep them.
+  """
+  if cfg.coco_class_map:
+    ds = coco.CocoDataset(root, split, cfg.coco_class_map, skip_empty=training, skip_bad=cfg.skip_bad)
+    print(ds.summary())
+    return ds, ds.class_names
   ids = voc.read_split(root, split)
-  return [voc.read_example(root, i, num_classes) for i in tqdm(ids, desc=f"reading {split}", leave=False)]
+  k = cfg.model.num_classes
+  return ([voc.read_example(root, i, k) for i in tqdm(ids, desc=f"reading {split}", leave=False)],
+          voc.VOC_CLASSES[:k])
 
 
 def training_items(cfg: TrainConfig, examples: list[voc.Example]) -> tuple[int, object]:
@@ -73,7 +86,10 @@ def training_items(cfg: TrainConfig, examples: list[voc.Example]) -> tuple[int, 
     return len(examples), lambda i, rng: pipeline.whole_image_example(examples[i], cfg.crop, norm, rng)
   spec = ex_lib.CropSpec(resize=cfg.resize or round(cfg.crop * 250 / 224), crop=cfg.crop)
   if cfg.stage == 1:
-    items = ex_lib.stage1_items(examples)
+    # A lazy dataset (COCO) gives each image's instances without decoding it.
+    headers = ([examples.instances(i) for i in range(len(examples))]
+               if hasattr(examples, "instances") else examples)
+    items = ex_lib.stage1_items(headers)
   else:
     items = ex_lib.stage2_items(
         examples, proposals.propose, cfg.stage2_iou, cfg.proposals_per_image)
@@ -123,10 +139,16 @@ def run(cfg: TrainConfig) -> dict:
   """Trains (resuming from cfg.workdir if it holds checkpoints); returns the last metrics."""
   data = resolve_data(cfg)
   model_cfg = cfg.model
-  train_set = load_split(data, cfg.train_split, model_cfg.num_classes)
-  val_set = load_split(data, cfg.val_split, model_cfg.num_classes)
-
-  class_names = voc.VOC_CLASSES[:model_cfg.num_classes]
+  train_set, class_names = load_split(cfg, data, cfg.train_split, training=True)
+  val_set, _ = load_split(cfg, data, cfg.val_split, training=False)
+  if cfg.coco_class_map == "coco" and len(class_names) != model_cfg.num_classes:
+    print(f"the coco class map of this annotation file has {len(class_names)} classes: "
+          f"num_classes = {len(class_names)}")
+    model_cfg = dataclasses.replace(model_cfg, num_classes=len(class_names))
+    cfg = dataclasses.replace(cfg, model=model_cfg)
+  if len(class_names) != model_cfg.num_classes:
+    raise SystemExit(f"the {cfg.coco_class_map} class map has {len(class_names)} classes, the model "
+                     f"{model_cfg.num_classes}: pass --num-classes {len(class_names)}")
   mesh = training.make_mesh()
   if cfg.batch_size % mesh.size:
     raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of the {mesh.size} devices")
