@@ -85,6 +85,8 @@ def main():
   parser.add_argument("--size", type=int, default=224)
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--accumulate", type=int, default=2, metavar="K",
+                      help="micro-batches for the gradient-accumulation row (0: skip it)")
   parser.add_argument("--no-inference", dest="inference", action="store_false",
                       help="skip the instance-wise inference timing")
   args = parser.parse_args()
@@ -136,8 +138,26 @@ def main():
     g = f * b / t / 1e9
     print(f"| {name} | {t / b:.3f} | {b / t:.2f} | {g:.0f} | {g / best:.0%} |")
   print(f"| pool + unpool (fwd+bwd) share of the train step | {share:.1%} | | | |")
+  if args.accumulate > 1:
+    accumulation_table(graphdef, tx, mesh, holder, batch, t_step, args.accumulate, args.repeats)
   if args.inference:
     inference_table(nnx.merge(graphdef, holder[0].params, holder[0].batch_stats), args.repeats)
+
+
+def accumulation_table(graphdef, tx, mesh, holder, batch, t_step, k, repeats):
+  """An update over K micro-batches of B in one jitted scan, against K plain steps of B."""
+  step = jit_train_step(graphdef, tx, mesh, micro_batches=k)
+  big = {name: jnp.concatenate([x] * k) for name, x in batch.items()}
+
+  def one_step(batch):
+    holder[0], metrics = step(holder[0], batch)
+    return metrics["loss"]
+
+  t_acc = timeit(one_step, big, repeats=repeats)
+  b = batch["label"].shape[0]
+  print(f"\n| gradient accumulation, {k} x batch {b} | s/update | ratio |\n|---|---:|---:|")
+  print(f"| {k} plain steps of {b} | {k * t_step:.2f} | 1.00 |")
+  print(f"| one step, {k} accumulated micro-batches of {b} | {t_acc:.2f} | {t_acc / (k * t_step):.2f} |")
 
 
 def inference_table(model, repeats: int):

@@ -9,7 +9,9 @@ CRF (in parallel processes). For each image it writes OUT/NAME.png (VOC-palette
 class indices, readable by VOC tools) and OUT/NAME_overlay.jpg, optionally
 OUT/NAME_prob.npy; at the end OUT/index.html, a gallery with a class legend.
 Files that fail are reported and the rest go on; the exit status is 1 if any
-failed. Existing outputs are kept unless --overwrite.
+failed. Existing outputs are kept unless --overwrite. BatchNorm is folded into
+the convolutions on load (the same function, fewer ops; --no-fold keeps it); a
+checkpoint folded by `batchnorm.py fold` loads as it is.
 """
 
 import argparse
@@ -56,6 +58,8 @@ def parse_args(argv=None):
   p.add_argument("--ground-truth", type=Path, help="folder of class-index PNGs named like the images "
                  "(e.g. VOC2012/SegmentationClass): adds NAME_error.png and error maps to the gallery")
   p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+  p.add_argument("--no-fold", action="store_true", help="keep BatchNorm as separate layers (by default it "
+                 "is folded into the convolutions on load: the same function, fewer ops)")
   p.add_argument("--debug", action="store_true", help="report each new compilation")
   return p.parse_args(argv)
 
@@ -117,7 +121,7 @@ def main(argv=None) -> int:
   config = InferenceConfig(mode=args.mode, top_k=args.top_k, min_size=args.min_size,
                            input_size=input_size, batch_size=args.batch_size,
                            aggregation=args.aggregation, crf=not args.no_crf)
-  segmenter = Segmenter(model, config, fcn)
+  segmenter = Segmenter(model, config, fcn, fold=not args.no_fold)
   inputs = find_inputs(args.input, args.recursive)
   if not inputs:
     print(f"error: no images found in {' '.join(map(str, args.input))}", file=sys.stderr)

@@ -9,10 +9,15 @@ so a killed run never leaves a half-written checkpoint behind.
 """
 
 import dataclasses
+import os
+import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from deconvnet_jax.configs import ModelConfig
 from deconvnet_jax.models import build_model, set_variables
@@ -118,8 +123,8 @@ def load_model(path):
   """
   variables, meta = restore_variables(path)
   config = ModelConfig(**meta["model"])
-  model = build_model(config)
-  set_variables(model, jax.tree.map(lambda x: x, variables), source=str(path))
+  model = nnx.eval_shape(lambda: build_model(config))  # shapes only: no random init to overwrite
+  set_variables(model, jax.tree.map(jnp.asarray, variables), source=str(path))
   model.eval()
   return model, meta
 
@@ -127,3 +132,31 @@ def load_model(path):
 def model_meta(config: ModelConfig, class_names, **extra) -> dict:
   return {"model": dataclasses.asdict(config), "input_norm": config.input_norm,
           "class_names": list(class_names), **extra}
+
+
+def check_new_dir(out):
+  """Refuses an `out` that exists (an empty folder is fine) before any work is done."""
+  out = Path(out)
+  if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    raise CheckpointError(f"{out}: already exists; choose a new output folder (nothing was written)")
+
+
+def write_checkpoint(out, variables: dict, meta: dict):
+  """A one-step work dir at `out` that load_model and --init-from read, renamed into place when complete."""
+  out = Path(out)
+  check_new_dir(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    ckpt = Checkpoints(tmp, keep=1)
+    step = int(meta.get("step") or 0)
+    ckpt.save(step, variables, {"step": np.int32(step)}, meta)
+    ckpt.wait()
+    ckpt.close()
+    if out.exists():
+      out.rmdir()
+    tmp.rename(out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise

@@ -4,7 +4,8 @@ proposals -> each proposal's context square cropped and resized to the network
 input -> batched forward (fixed batch, padded: one compilation whatever the
 image size or proposal count) -> scores pasted back and combined (max) ->
 optional FCN-8s ensemble -> softmax -> optional dense CRF. A whole-image mode
-(one forward, sizes bucketed) serves FCN-8s and quick looks.
+(one forward, sizes bucketed) serves FCN-8s and quick looks. BatchNorm is
+folded into the convolutions before the first forward.
 """
 
 import dataclasses
@@ -15,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from deconvnet_jax import aggregate, proposals
+from deconvnet_jax.batchnorm import fold_model
 from deconvnet_jax.crf import CRFParams, dense_crf
 from deconvnet_jax.data.examples import context_square, square_crop
 from deconvnet_jax.models import min_input_size
@@ -45,9 +47,13 @@ class Result:
 
 
 class Network:
-  """A model in eval mode as a jitted function; records each input shape it compiles for."""
+  """A model in eval mode as a jitted function; records each input shape it compiles for.
 
-  def __init__(self, model: nnx.Module, multiple: int = 32):
+  fold: BatchNorm folded into the convolutions (the same function, fewer ops).
+  """
+
+  def __init__(self, model: nnx.Module, multiple: int = 32, fold: bool = True):
+    model = fold_model(model) if fold else model
     model.eval()
     self.config = model.config
     graphdef, self.state = nnx.split(model)
@@ -75,9 +81,9 @@ class Segmenter:
   """DeconvNet (and optionally FCN-8s for the ensemble) plus an InferenceConfig."""
 
   def __init__(self, model: nnx.Module, config: InferenceConfig = InferenceConfig(),
-               fcn: nnx.Module | None = None):
-    self.net = Network(model)
-    self.fcn = Network(fcn) if fcn is not None else None
+               fcn: nnx.Module | None = None, fold: bool = True):
+    self.net = Network(model, fold=fold)
+    self.fcn = Network(fcn, fold=fold) if fcn is not None else None
     self.config = config
 
   def proposal_maps(self, image: np.ndarray, seconds: dict) -> tuple[np.ndarray, np.ndarray]:
