@@ -135,7 +135,11 @@ def train_step(graphdef, tx, state: TrainState, batch: dict, *, micro_batches: i
     micro = jax.tree.map(lambda x: x.reshape(n // micro_batches, micro_batches, *x.shape[1:])
                          .swapaxes(0, 1), batch)
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (grads, batch_stats), sums = jax.lax.scan(accumulate, (zeros, state.batch_stats), micro)
+    # A rolled loop keeps one micro-batch's activations live on GPU / TPU; XLA:CPU
+    # runs rolled loop bodies several times slower (bench.py), and memory is not
+    # what limits a CPU, so there the loop is unrolled.
+    (grads, batch_stats), sums = jax.lax.scan(accumulate, (zeros, state.batch_stats), micro,
+                                              unroll=jax.default_backend() == "cpu")
     sums = jax.tree.map(jnp.sum, sums)
   grads = jax.tree.map(lambda g: _ratio(g, sums["weight"]), grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
