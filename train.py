@@ -38,6 +38,8 @@ def parse_args(argv=None) -> train_loop.TrainConfig:
                  help="with --coco: skip and count images with bad annotations instead of stopping")
   p.add_argument("--train-split", help=f"default {d.train_split} (COCO: train2017)")
   p.add_argument("--val-split", help=f"default {d.val_split} (COCO: val2017)")
+  p.add_argument("--val-limit", type=int, metavar="N",
+                 help="evaluate during training on the first N val images only")
   p.add_argument("--stage", type=int, default=d.stage, choices=[0, 1, 2],
                  help="1: crops around each instance; 2: crops around proposals (IoU >= 0.5 with an "
                       "instance); 0: random crops of whole images")
@@ -99,7 +101,7 @@ def parse_args(argv=None) -> train_loop.TrainConfig:
       coco_class_map=a.class_map if coco else None, skip_bad=a.skip_bad,
       proposals_per_image=a.proposals_per_image, stage2_iou=a.stage2_iou,
       train_split=a.train_split or ("train2017" if coco else d.train_split),
-      val_split=a.val_split or ("val2017" if coco else d.val_split),
+      val_split=a.val_split or ("val2017" if coco else d.val_split), val_limit=a.val_limit,
       steps=a.steps, epochs=a.epochs, batch_size=a.batch_size, accumulate=a.accumulate, crop=a.crop,
       optim=optim, eval_every=a.eval_every, recipe=recipe, class_balance=a.class_balance,
       label_smoothing=a.label_smoothing,

@@ -31,6 +31,7 @@ class TrainConfig:
   skip_bad: bool = False  # COCO: skip (and count) images with bad annotations instead of stopping
   train_split: str = "train"
   val_split: str = "val"
+  val_limit: int | None = None  # evaluate on the first N val images only (COCO val has 5000)
   stage: int = 1  # 1: instance-centred crops, 2: proposal crops, 0: random crops of whole images
   proposals_per_image: int | None = None  # stage 2: keep at most this many per image
   stage2_iou: float = 0.5
@@ -141,6 +142,8 @@ def run(cfg: TrainConfig) -> dict:
   model_cfg = cfg.model
   train_set, class_names = load_split(cfg, data, cfg.train_split, training=True)
   val_set, _ = load_split(cfg, data, cfg.val_split, training=False)
+  if cfg.val_limit is not None:
+    val_set = [val_set[i] for i in range(min(cfg.val_limit, len(val_set)))]
   if cfg.coco_class_map == "coco" and len(class_names) != model_cfg.num_classes:
     print(f"the coco class map of this annotation file has {len(class_names)} classes: "
           f"num_classes = {len(class_names)}")

@@ -68,10 +68,11 @@ def test_coco_labels_agree_with_the_generated_masks(coco_root):
 
 def test_train_on_coco_then_evaluate_then_fine_tune_on_voc(coco_root, tmp_path, capsys):
   common = ["--crop", "64", "--batch-size", "2", "--save-every", "4", "--eval-every", "4"]
-  assert train.main(["--coco", str(coco_root), "--class-map", "voc", "--steps", "4",
+  assert train.main(["--coco", str(coco_root), "--class-map", "voc", "--steps", "4", "--val-limit", "2",
                      "--workdir", str(tmp_path / "coco")] + common) == 0
   out = capsys.readouterr().out
   assert "COCO train2017 (voc class map, 21 classes): 8 images" in out
+  assert "8 train / 2 val images" in out  # --val-limit
   assert "stage 1:" in out  # instance-centred crops from the COCO instances
   meta = checkpoints.read_meta(tmp_path / "coco")
   assert meta["class_names"] == list(VOC_CLASSES) and meta["train_config"]["coco_class_map"] == "voc"
