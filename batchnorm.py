@@ -19,10 +19,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import jax
-
 from deconvnet_jax import batchnorm, checkpoints, configs, train_loop, training
-from deconvnet_jax.data import pipeline
 from deconvnet_jax.data.voc import DataError
 
 # TrainConfig fields `reestimate` takes from the checkpoint's train_config unless given here.
@@ -64,12 +61,9 @@ def data_config(args, meta: dict) -> train_loop.TrainConfig:
 
 
 def training_batches(cfg: train_loop.TrainConfig):
-  """Endless host batches {"image", "label"} exactly as train.py draws them from step 0."""
+  """Endless host batches {"image", "label"} of cfg.batch_size rows, as train.py draws them from step 0."""
   examples, _ = train_loop.load_split(cfg, cfg.data, cfg.train_split, training=True)
-  num_items, make_example = train_loop.training_items(cfg, examples)
-  dataset = pipeline.training_dataset(num_items, make_example, cfg.batch_size // jax.process_count(),
-                                      cfg.seed, jax.process_index(), jax.process_count())
-  return pipeline.batches_from(dataset, 0)
+  return train_loop.training_batches(cfg, examples, cfg.batch_size)[1]
 
 
 def reestimate(args) -> dict:

@@ -78,7 +78,7 @@ from deconvnet_jax import batchnorm
 from deconvnet_jax.checkpoints import check_new_dir, model_meta, write_checkpoint
 from deconvnet_jax.configs import ModelConfig
 from deconvnet_jax.data.voc import VOC_CLASSES
-from deconvnet_jax.models import DECODER_PLAN, VGG16_PLAN, build_model, get_variables
+from deconvnet_jax.models import DECODER_PLAN, VGG16_PLAN, abbreviated, build_model, get_variables
 
 KINDS = ("vgg16", "fcn8s", "deconvnet", "deconvnet-train")
 
@@ -297,7 +297,7 @@ def _find(net: dict, names, path, kind) -> tuple[str, CaffeLayer]:
       return name, net[name]
   also = f" (or {', '.join(map(repr, names[1:]))})" if len(names) > 1 else ""
   raise CaffeError(f"{path}: has no layer {names[0]!r}{also}, which a {kind} model needs; "
-                   f"its layers: {_some(list(net), 12)}")
+                   f"its layers: {abbreviated(list(net), 12)}")
 
 
 def _after(net: dict, name, types) -> tuple[str, CaffeLayer] | None:
@@ -524,7 +524,7 @@ def load_caffe(path, kind: str, config: ModelConfig | None = None, *, seed: int 
   if kind != "vgg16":
     unused = [n for n, layer in net.items() if layer.blobs and n not in m.used]
     if unused:
-      raise CaffeError(f"{path}: layers {_some(unused)} hold weights a {kind} model has no place "
+      raise CaffeError(f"{path}: layers {abbreviated(unused)} hold weights a {kind} model has no place "
                        "for; is the kind right?")
     missing = sorted(init.keys() - m.out.keys())
     assert not missing, missing
@@ -559,7 +559,3 @@ def convert_caffe(path, kind: str, out, config: ModelConfig | None = None, *, cl
 def _describe(config: ModelConfig) -> str:
   return (f"the configuration has arch={config.arch}, width={config.width}, fc_dim={config.fc_dim}, "
           f"fc_kernel={config.fc_kernel}, num_classes={config.num_classes}")
-
-
-def _some(items: list, n: int = 5) -> str:
-  return ", ".join(map(str, items[:n])) + (f" and {len(items) - n} more" if len(items) > n else "")

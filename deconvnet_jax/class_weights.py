@@ -12,9 +12,8 @@ from typing import Iterable
 
 import numpy as np
 
+from deconvnet_jax.data.voc import VOID
 from deconvnet_jax.images import atomic_path
-
-VOID = 255
 
 
 def class_pixel_counts(labels: Iterable[np.ndarray], num_classes: int) -> tuple[np.ndarray, np.ndarray]:

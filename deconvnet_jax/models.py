@@ -305,17 +305,18 @@ def set_variables(model: nnx.Module, variables: dict, source: str = "variables")
     missing, extra = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
     if missing or extra:
       raise ValueError(f"{source}: {collection} do not match the model: "
-                       f"missing {_some(missing)}, unexpected {_some(extra)}")
+                       f"missing {abbreviated(missing)}, unexpected {abbreviated(extra)}")
     wrong = [f"{name} has shape {tuple(np.shape(value))}, the model expects "
              f"{tuple(expected[name].shape)}" for name, value in found.items()
              if tuple(np.shape(value)) != tuple(expected[name].shape)]
     if wrong:
-      raise ValueError(f"{source}: {collection} {_some(wrong)} (another class count or width?)")
+      raise ValueError(f"{source}: {collection} {abbreviated(wrong)} (another class count or width?)")
     nnx.replace_by_pure_dict(state, variables[collection])
     nnx.update(model, state)
 
 
-def _some(items: list, n: int = 5) -> str:
+def abbreviated(items: list, n: int = 5) -> str:
+  """The first n items, comma-separated, and how many more there are."""
   return ", ".join(map(str, items[:n])) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 

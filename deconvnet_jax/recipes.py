@@ -40,9 +40,14 @@ RECIPES = {
 ACCELERATORS = {"A100": 312, "H100 SXM": 989, "TPU v4": 275, "TPU v5e": 197, "TPU v5p": 459}
 
 
+def step_flops(config: ModelConfig, crop: int, batch: int) -> float:
+  """A train step's FLOPs: forward + backward = 3 x forward, per example."""
+  return 3 * forward_flops(config, crop) * batch
+
+
 def step_estimates(config: ModelConfig, crop: int, batch: int, utilisation: float = 0.3) -> dict[str, float]:
-  """Seconds per train step (forward + backward = 3 x forward FLOPs) per accelerator, at `utilisation` of peak."""
-  flops = 3 * forward_flops(config, crop) * batch
+  """Seconds per train step per accelerator, at `utilisation` of its peak."""
+  flops = step_flops(config, crop, batch)
   return {name: flops / (peak * 1e12 * utilisation) for name, peak in ACCELERATORS.items()}
 
 
@@ -55,6 +60,6 @@ def describe(name: str, config: ModelConfig, crop: int, batch: int, steps: int) 
           f"({r.batch_size} x {r.accumulate} accumulated in the reference), lr {r.lr} / 10 at "
           f"{', '.join(map(str, r.lr_decay_steps))}; the paper drew ~{r.paper_examples:,} examples "
           f"for this stage.\n  expected time per step (and for the run), one chip at 30% of its bf16 "
-          f"peak with --dtype bfloat16, {3 * forward_flops(config, crop) * batch / 1e12:.1f} TFLOP "
+          f"peak with --dtype bfloat16, {step_flops(config, crop, batch) / 1e12:.1f} TFLOP "
           f"per step: {rows}. These are estimates from FLOP counts; the progress bar shows the "
           "measured rate.")

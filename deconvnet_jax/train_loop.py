@@ -101,6 +101,14 @@ def training_items(cfg: TrainConfig, examples: list[voc.Example]) -> tuple[int, 
   return len(items), lambda i, rng: pipeline.crop_example(examples[items[i].index], items[i], spec, norm, rng)
 
 
+def training_batches(cfg: TrainConfig, examples, rows: int, start_step: int = 0) -> tuple[int, object]:
+  """(number of items, this host's batches start_step, start_step + 1, ...) of `rows` global rows each."""
+  num_items, make_example = training_items(cfg, examples)
+  dataset = pipeline.training_dataset(num_items, make_example, rows // jax.process_count(),
+                                      cfg.seed, jax.process_index(), jax.process_count())
+  return num_items, pipeline.batches_from(dataset, start_step)
+
+
 def evaluate(forward, state, examples, batch_size: int, norm: str, class_names) -> dict:
   """Full-image mIoU and per-class IoU over `examples` with BatchNorm's stored statistics.
 
@@ -150,8 +158,8 @@ def run(cfg: TrainConfig) -> dict:
     model_cfg = dataclasses.replace(model_cfg, num_classes=len(class_names))
     cfg = dataclasses.replace(cfg, model=model_cfg)
   if len(class_names) != model_cfg.num_classes:
-    raise SystemExit(f"the {cfg.coco_class_map} class map has {len(class_names)} classes, the model "
-                     f"{model_cfg.num_classes}: pass --num-classes {len(class_names)}")
+    raise SystemExit(f"the data has {len(class_names)} classes, the model {model_cfg.num_classes}: "
+                     f"pass --num-classes {len(class_names)}")
   mesh = training.make_mesh()
   if cfg.batch_size % mesh.size:
     raise SystemExit(f"--batch-size {cfg.batch_size} must be a multiple of the {mesh.size} devices")
@@ -183,10 +191,7 @@ def run(cfg: TrainConfig) -> dict:
     state = training.replicate(training.TrainState(params, stats, train["opt_state"], train["step"]), mesh)
     print(f"resuming from {cfg.workdir / 'checkpoints' / str(start_step)}")
 
-  num_items, make_example = training_items(cfg, train_set)
-  dataset = pipeline.training_dataset(num_items, make_example, step_batch // jax.process_count(),
-                                      cfg.seed, jax.process_index(), jax.process_count())
-  batches = pipeline.batches_from(dataset, start_step)
+  num_items, batches = training_batches(cfg, train_set, step_batch, start_step)
   step_fn = training.jit_train_step(graphdef, tx, mesh, micro_batches=cfg.accumulate,
                                     loss=loss_config(cfg, data, train_set, class_names))
   forward = training.jit_eval_logits(graphdef, mesh)
