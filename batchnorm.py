@@ -20,11 +20,12 @@ import sys
 from pathlib import Path
 
 from deconvnet_jax import batchnorm, checkpoints, configs, train_loop, training
-from deconvnet_jax.data.voc import DataError
+from deconvnet_jax.configs import TrainConfig
+from deconvnet_jax.data import sources
+from deconvnet_jax.labels import DataError
 
-# TrainConfig fields `reestimate` takes from the checkpoint's train_config unless given here.
-DATA_FIELDS = ("data", "coco_class_map", "skip_bad", "train_split", "stage", "proposals_per_image",
-               "stage2_iou", "batch_size", "crop", "resize", "seed")
+# TrainConfig fields `reestimate` takes from the checkpoint's training run unless given here.
+RUN_FIELDS = ("stage", "proposals_per_image", "stage2_iou", "batch_size", "crop", "resize", "seed")
 
 
 def parse_args(argv=None):
@@ -35,7 +36,7 @@ def parse_args(argv=None):
   r.add_argument("--out", type=Path, required=True, help="new work dir for the re-estimated checkpoint")
   r.add_argument("--batches", type=int, default=500, help="training batches to average over (the reference: 500)")
   defaults = "default: the checkpoint's training run"
-  r.add_argument("--data", type=Path, help=f"VOC-layout folder ({defaults}, else the generated data)")
+  sources.add_arguments(r, defaults)
   r.add_argument("--train-split", help=defaults)
   r.add_argument("--stage", type=int, choices=[0, 1, 2], help=defaults)
   r.add_argument("--proposals-per-image", type=int, help=defaults)
@@ -50,20 +51,24 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def data_config(args, meta: dict) -> train_loop.TrainConfig:
-  """The training run's data settings, with the ones given on the command line replacing them."""
-  saved, default = meta.get("train_config", {}), train_loop.TrainConfig()
-  fields = {name: saved.get(name, getattr(default, name)) if getattr(args, name, None) is None
-            else getattr(args, name) for name in DATA_FIELDS}
-  fields["data"] = Path(fields["data"]) if fields["data"] is not None else None
-  cfg = dataclasses.replace(default, model=configs.ModelConfig(**meta["model"]), **fields)
-  return dataclasses.replace(cfg, data=train_loop.resolve_data(cfg))
+def data_config(args, meta: dict) -> TrainConfig:
+  """The training run's settings, with the data and batch options given on the command line replacing them."""
+  cfg = configs.train_config(meta)
+  data = sources.from_arguments(args, cfg.data)
+  if args.train_split:
+    data = dataclasses.replace(data, train_split=args.train_split)
+  given = {name: getattr(args, name) for name in RUN_FIELDS if getattr(args, name) is not None}
+  return dataclasses.replace(cfg, data=train_loop.resolve_data(data), **given)
 
 
-def training_batches(cfg: train_loop.TrainConfig):
-  """Endless host batches {"image", "label"} of cfg.batch_size rows, as train.py draws them from step 0."""
-  examples, _ = train_loop.load_split(cfg, cfg.data, cfg.train_split, training=True)
-  return train_loop.training_batches(cfg, examples, cfg.batch_size)[1]
+def training_batches(cfg: TrainConfig):
+  """Endless host batches {"image", "label"} of cfg.batch_size rows, as train.py draws them from step 0.
+
+  The stage's item list is read from the training run's cache when its work dir is still there.
+  """
+  split = sources.open_split(cfg.data, cfg.data.train_split, cfg.model.num_classes, training=True)
+  cache = cfg.workdir / "items" if cfg.workdir.is_dir() else None
+  return train_loop.training_batches(cfg, split, cfg.batch_size, cache_dir=cache)[1]
 
 
 def reestimate(args) -> dict:
@@ -76,7 +81,7 @@ def reestimate(args) -> dict:
   mesh = training.make_mesh()
   if cfg.batch_size % mesh.size:
     raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {mesh.size} devices")
-  note = {"data": str(cfg.data), "train_split": cfg.train_split, "stage": cfg.stage,
+  note = {"data": sources.describe(cfg.data), "train_split": cfg.data.train_split, "stage": cfg.stage,
           "batch_size": cfg.batch_size, "crop": cfg.crop, "seed": cfg.seed}
   return batchnorm.reestimate_checkpoint(args.checkpoint, args.out, training_batches(cfg),
                                          args.batches, mesh, note)
@@ -92,7 +97,7 @@ def main(argv=None) -> int:
     else:
       batchnorm.fold_checkpoint(args.checkpoint, args.out)
       print(f"folded BatchNorm into the convolutions: {args.out} (a batch_norm=False network)")
-  except (checkpoints.CheckpointError, DataError, ValueError, FileNotFoundError) as e:
+  except (checkpoints.CheckpointError, DataError, train_loop.TrainError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -1,8 +1,9 @@
-"""mIoU of a checkpoint on a VOC-layout or COCO split, for several inference variants side by side.
+"""mIoU of a checkpoint on a split of VOC, a prepared TFDS dataset or COCO, for inference variants side by side.
 
   python evaluate.py --checkpoint runs/voc_s2 --data VOCdevkit/VOC2012 --split val
+  python evaluate.py --checkpoint runs/voc_s2 --tfds ~/tensorflow_datasets --split val
   python evaluate.py --checkpoint runs/coco_voc --coco COCO --split val2017   # the checkpoint's class map
-  python evaluate.py --checkpoint runs/default            # generated data's val split
+  python evaluate.py --checkpoint runs/default            # the val split of the data it trained on
 
 Variants: whole-image forward, DeconvNet (instance-wise), DeconvNet+CRF, and with
 --fcn-checkpoint EDeconvNet, EDeconvNet+CRF and FCN-8s alone; with --curve, the
@@ -21,12 +22,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from deconvnet_jax import aggregate, checkpoints, crf, metrics
-from deconvnet_jax.data import coco, voc
+from deconvnet_jax import aggregate, checkpoints, configs, crf, metrics
+from deconvnet_jax.data import sources
 from deconvnet_jax.images import atomic_path, save_atomic
 from deconvnet_jax.inference import InferenceConfig, Segmenter
-from deconvnet_jax.train_loop import DEFAULT_DATA
+from deconvnet_jax.labels import DataError, Example
 from deconvnet_jax.plots import line_plot
+from deconvnet_jax.train_loop import resolve_data
 
 PAPER = {"FCN-8s": 62.2, "DeconvNet": 69.6, "DeconvNet+CRF": 70.5, "EDeconvNet": 71.7,
          "EDeconvNet+CRF": 72.5}  # VOC 2012 test, mean IoU % (SPEC.md section 5)
@@ -36,12 +38,8 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--checkpoint", type=Path, required=True)
   p.add_argument("--fcn-checkpoint", type=Path)
-  p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-  p.add_argument("--coco", type=Path, metavar="ROOT", help="evaluate on COCO (annotations/ and SPLIT/ "
-                                                            "in ROOT) with the checkpoint's class map")
-  p.add_argument("--class-map", choices=["voc", "coco"],
-                 help="with --coco; default: the class map the checkpoint was trained with")
-  p.add_argument("--split", help="default: val (COCO: val2017)")
+  sources.add_arguments(p, "the data the checkpoint trained on")
+  p.add_argument("--split", help="default: the validation split of the data (val; COCO: val2017)")
   p.add_argument("--limit", type=int, help="only the first N images of the split")
   p.add_argument("--top-k", type=int, default=InferenceConfig().top_k)
   p.add_argument("--curve", type=int, nargs="*", help="also score these proposal counts, e.g. 1 2 5 10 20 50")
@@ -49,9 +47,7 @@ def parse_args(argv=None):
   p.add_argument("--chunk", type=int, default=8, help="images whose CRFs run in parallel at a time")
   p.add_argument("--crf-processes", type=int)
   p.add_argument("--output", type=Path, help="folder for results.md / results.json / cache")
-  a = p.parse_args(argv)
-  a.split = a.split or ("val2017" if a.coco else "val")
-  return a
+  return p.parse_args(argv)
 
 
 class Evaluator:
@@ -64,7 +60,7 @@ class Evaluator:
     self.fcn = Segmenter(fcn, dataclasses.replace(config, mode="whole")).net if fcn is not None else None
     self.curve = curve
 
-  def network_part(self, ex: voc.Example) -> tuple[dict, dict]:
+  def network_part(self, ex: Example) -> tuple[dict, dict]:
     """(confusion matrices of the variants without CRF, probabilities awaiting the CRF)."""
     k, hw, seconds = self.k, ex.label.shape, Segmenter.new_seconds()
     conf = lambda pred: metrics.confusion_matrix(ex.label, pred, k)
@@ -84,41 +80,49 @@ class Evaluator:
     return out, to_refine
 
 
-def open_split(args, meta: dict, num_classes: int):
-  """(image ids of the split, image id -> Example); COCO keeps images without objects."""
-  if args.coco is None:
-    ids = voc.read_split(args.data, args.split)[:args.limit]
-    return ids, lambda i: voc.read_example(args.data, i, num_classes)
-  class_map = args.class_map or meta.get("train_config", {}).get("coco_class_map") or (
-      "coco" if num_classes == 81 else "voc")
-  ds = coco.CocoDataset(args.coco, args.split, class_map, skip_empty=False)
-  print(ds.summary())
-  if ds.num_classes != num_classes:
-    raise SystemExit(f"error: the {class_map} class map has {ds.num_classes} classes, the checkpoint "
-                     f"{num_classes}; pass --class-map")
-  index = {str(image_id): j for j, image_id in enumerate(ds.image_ids)}
-  return list(index)[:args.limit], lambda i: ds[index[i]]
+def open_split(args, train_config: configs.TrainConfig, num_classes: int):
+  """(split to score, its name): of the named data, else the checkpoint's; COCO keeps images without objects."""
+  data = train_config.data
+  if args.coco is not None and args.class_map is None:  # the class map the checkpoint learned
+    args.class_map = data.coco_class_map if data.kind == "coco" else ("coco" if num_classes == 81 else "voc")
+  data = resolve_data(sources.from_arguments(args, data))
+  split = args.split or data.val_split
+  ds = sources.open_split(data, split, num_classes, training=False)
+  if len(ds.class_names) != num_classes:
+    raise DataError(f"{ds.name} has {len(ds.class_names)} classes, the checkpoint {num_classes}"
+                    + ("; pass --class-map" if data.kind == "coco" else ""))
+  return (sources.Subset(ds, args.limit) if args.limit is not None else ds), split
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  try:
+    return evaluate(args)
+  except (checkpoints.CheckpointError, DataError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def evaluate(args) -> int:
   model, meta = checkpoints.load_model(args.checkpoint)
   fcn = checkpoints.load_model(args.fcn_checkpoint)[0] if args.fcn_checkpoint else None
-  size = args.input_size or meta.get("train_config", {}).get("crop", 224)
-  config = InferenceConfig(top_k=max([args.top_k, *(args.curve or [])]), input_size=size, crf=False)
+  train_config = configs.train_config(meta)
+  config = InferenceConfig(top_k=max([args.top_k, *(args.curve or [])]),
+                           input_size=args.input_size or train_config.crop, crf=False)
   evaluator = Evaluator(model, fcn, config, sorted(args.curve or []))
+  ds, split = open_split(args, train_config, evaluator.k)
   out_dir = args.output or Path(args.checkpoint)
-  cache = out_dir / "cache" / args.split
+  cache = out_dir / "cache" / split
   cache.mkdir(parents=True, exist_ok=True)
-  ids, read = open_split(args, meta, evaluator.k)
-  todo = [i for i in ids if not (cache / f"{i}.npz").exists()]
+  ids = [ds.image_id(i) for i in range(len(ds))]
+  todo = [j for j, i in enumerate(ids) if not (cache / f"{i}.npz").exists()]
   if len(todo) < len(ids):
     print(f"resuming: {len(ids) - len(todo)} of {len(ids)} images already scored in {cache}")
 
-  with tqdm(total=len(ids), initial=len(ids) - len(todo), desc=f"evaluating {args.split}",
+  with tqdm(total=len(ids), initial=len(ids) - len(todo), desc=f"evaluating {ds.name}",
             dynamic_ncols=True) as bar:
     for start in range(0, len(todo), args.chunk):
-      chunk = [read(i) for i in todo[start:start + args.chunk]]
+      chunk = [ds[j] for j in todo[start:start + args.chunk]]
       parts = [evaluator.network_part(ex) for ex in chunk]
       for name in parts[0][1] if parts else ():
         refined = crf.dense_crf_many([ex.image for ex in chunk], [p[1][name] for p in parts],
@@ -142,10 +146,10 @@ def main(argv=None) -> int:
   for name, r in rows.items():
     lines.append(f"| {name} | {100 * r['miou']:.1f} | {100 * r['pixel_acc']:.1f} | {PAPER.get(name, '')} |")
   table = "\n".join(lines)
-  print(f"{len(ids)} images of {args.coco or args.data} / {args.split}\n{table}")
+  print(f"{len(ids)} images of {ds.name}\n{table}")
   (out_dir / "results.md").write_text(table + "\n")
   (out_dir / "results.json").write_text(json.dumps(
-      {"split": args.split, "images": len(ids), "variants": rows, "class_names": meta["class_names"]},
+      {"split": split, "data": ds.name, "images": len(ids), "variants": rows, "class_names": meta["class_names"]},
       indent=2))
   if args.curve:
     xs = sorted(args.curve)

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from deconvnet_jax import checkpoints, crf
+from deconvnet_jax import checkpoints, configs, crf
 from deconvnet_jax.images import IMAGE_SUFFIXES, ImageError, load_rgb, save_atomic, save_npy_atomic
 from deconvnet_jax.inference import InferenceConfig, Segmenter
 from deconvnet_jax.data.voc import read_index_png
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
   except (checkpoints.CheckpointError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  input_size = args.input_size or meta.get("train_config", {}).get("crop", 224)
+  input_size = args.input_size or configs.train_config(meta).crop
   config = InferenceConfig(mode=args.mode, top_k=args.top_k, min_size=args.min_size,
                            input_size=input_size, batch_size=args.batch_size,
                            aggregation=args.aggregation, crf=not args.no_crf)

@@ -1,14 +1,17 @@
-"""Train DeconvNet on a VOC-layout folder, on COCO, or on the generated dataset when none is given.
+"""Train DeconvNet on VOC (+ SBD: train_aug), a prepared TFDS dataset, COCO, or generated data.
 
   python train.py                                   # stage 1, small model, generated data
+  python train.py --recipe paper-stage1 --data VOCdevkit/VOC2012 --sbd benchmark_RELEASE/dataset \
+      --workdir runs/voc_s1                         # the paper's stage 1 on train_aug (10,582 images)
+  python train.py --recipe paper-stage2 --data VOCdevkit/VOC2012 --sbd benchmark_RELEASE/dataset \
+      --init-from runs/voc_s1 --workdir runs/voc_s2
+  python train.py --recipe paper-stage1 --tfds ~/tensorflow_datasets --workdir runs/voc_s1
   python train.py --coco COCO --class-map voc --workdir runs/coco_voc   # COCO, VOC's 20 classes
-  python train.py --recipe paper-stage1 --data VOCdevkit/VOC2012 --workdir runs/voc_s1
-  python train.py --recipe paper-stage2 --data VOCdevkit/VOC2012 --init-from runs/voc_s1 \
-      --workdir runs/voc_s2
 
 A recipe (the reference solvers: batch 8 x 8 accumulated, lr 0.01 stepped down
 at 9k of 20k / 10k of 40k steps, 250 -> 224 crops) sets the defaults; flags given
-with it still win.
+with it still win. Images are decoded on demand; the stage-1/2 item lists are
+computed once and cached in WORKDIR/items.
 
 Running again with the same --workdir resumes from its latest checkpoint.
 """
@@ -22,22 +25,17 @@ from pathlib import Path
 import jax
 
 from deconvnet_jax import checkpoints, configs, recipes, train_loop
-from deconvnet_jax.data.voc import DataError
+from deconvnet_jax.configs import DataConfig, TrainConfig
+from deconvnet_jax.data import sources
+from deconvnet_jax.labels import DataError
 
 
-def parse_args(argv=None) -> train_loop.TrainConfig:
-  d = train_loop.TrainConfig()
+def parse_args(argv=None) -> TrainConfig:
+  d = TrainConfig()
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--data", type=Path, help="VOC-layout folder (VOC2012, or generated); default: generated data")
-  p.add_argument("--coco", type=Path, metavar="ROOT",
-                 help="train on COCO: ROOT holds annotations/instances_SPLIT.json and SPLIT/ image "
-                      "folders (splits default to train2017 / val2017)")
-  p.add_argument("--class-map", default="voc", choices=["voc", "coco"],
-                 help="with --coco: the 20 VOC categories (21 classes) or all 80 (81 classes)")
-  p.add_argument("--skip-bad", action="store_true",
-                 help="with --coco: skip and count images with bad annotations instead of stopping")
-  p.add_argument("--train-split", help=f"default {d.train_split} (COCO: train2017)")
-  p.add_argument("--val-split", help=f"default {d.val_split} (COCO: val2017)")
+  sources.add_arguments(p)
+  p.add_argument("--train-split", help="default: train (train_aug with --sbd; TFDS: train; COCO: train2017)")
+  p.add_argument("--val-split", help="default: val (COCO: val2017)")
   p.add_argument("--val-limit", type=int, metavar="N",
                  help="evaluate during training on the first N val images only")
   p.add_argument("--stage", type=int, default=d.stage, choices=[0, 1, 2],
@@ -47,7 +45,7 @@ def parse_args(argv=None) -> train_loop.TrainConfig:
   p.add_argument("--stage2-iou", type=float, default=d.stage2_iou)
   p.add_argument("--model", default=d.model_name, choices=sorted(configs.MODELS),
                  help="named model configuration")
-  p.add_argument("--num-classes", type=int, help="default: 21 (VOC), 81 with --class-map coco")
+  p.add_argument("--num-classes", type=int, help="default: 21 (VOC), 81 with --coco --class-map coco")
   p.add_argument("--set", dest="overrides", metavar="FIELD=VALUE", nargs="*", default=[],
                  help="override model config fields, e.g. --set width=0.25 fc_dim=128")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -86,22 +84,21 @@ def parse_args(argv=None) -> train_loop.TrainConfig:
   a = p.parse_args(argv)
   if a.multihost or "JAX_COORDINATOR_ADDRESS" in os.environ:
     jax.distributed.initialize()
-  if a.coco and a.data:
-    p.error("--data and --coco name two datasets; give one")
-  coco = a.coco is not None
-  num_classes = a.num_classes or (81 if coco and a.class_map == "coco" else 21)
-  overrides = dict(num_classes=num_classes, dtype=a.dtype)
+  data = sources.from_arguments(a, DataConfig())
+  data = dataclasses.replace(data, **{f"{name}_split": getattr(a, f"{name}_split")
+                                      for name in ("train", "val") if getattr(a, f"{name}_split")})
+  if data.sbd is not None and data.train_split != sources.TRAIN_AUG:
+    raise DataError(f"--sbd {a.sbd} is read only for the train_aug split, not --train-split {data.train_split}")
+  coco_classes = data.kind == "coco" and data.coco_class_map == "coco"
+  overrides = dict(num_classes=a.num_classes or (81 if coco_classes else 21), dtype=a.dtype)
   for item in a.overrides:
     name, _, value = item.partition("=")
     overrides[name] = configs.parse_field(name, value)
   model = configs.model_config(a.model, **overrides)
   optim = dataclasses.replace(d.optim, learning_rate=a.lr, decay_steps=tuple(a.lr_decay_steps))
-  return train_loop.TrainConfig(
-      model=model, model_name=a.model, data=a.coco or a.data, stage=a.stage, resize=a.resize,
-      coco_class_map=a.class_map if coco else None, skip_bad=a.skip_bad,
-      proposals_per_image=a.proposals_per_image, stage2_iou=a.stage2_iou,
-      train_split=a.train_split or ("train2017" if coco else d.train_split),
-      val_split=a.val_split or ("val2017" if coco else d.val_split), val_limit=a.val_limit,
+  return TrainConfig(
+      model=model, model_name=a.model, data=data, stage=a.stage, resize=a.resize,
+      proposals_per_image=a.proposals_per_image, stage2_iou=a.stage2_iou, val_limit=a.val_limit,
       steps=a.steps, epochs=a.epochs, batch_size=a.batch_size, accumulate=a.accumulate, crop=a.crop,
       optim=optim, eval_every=a.eval_every, recipe=recipe, class_balance=a.class_balance,
       label_smoothing=a.label_smoothing,
@@ -109,10 +106,10 @@ def parse_args(argv=None) -> train_loop.TrainConfig:
 
 
 def main(argv=None) -> int:
-  cfg = parse_args(argv)
   try:
+    cfg = parse_args(argv)
     record = train_loop.run(cfg)
-  except (checkpoints.CheckpointError, DataError) as e:
+  except (checkpoints.CheckpointError, DataError, train_loop.TrainError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"done: step {record.get('step')}; metrics in {cfg.workdir / 'metrics.jsonl'}, "

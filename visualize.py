@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from deconvnet_jax import checkpoints
+from deconvnet_jax import checkpoints, configs
 from deconvnet_jax.models import DECODER_ACTIVATIONS
 from deconvnet_jax.images import load_rgb, save_atomic
 from deconvnet_jax.normalization import normalize
@@ -33,7 +33,7 @@ def parse_args(argv=None):
 def main(argv=None):
   args = parse_args(argv)
   model, meta = checkpoints.load_model(args.checkpoint)
-  size = args.input_size or meta.get("train_config", {}).get("crop", 224)
+  size = args.input_size or configs.train_config(meta).crop
   image = load_rgb(args.image)
   image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
   x = normalize(image[None], meta["input_norm"])  # [1, size, size, 3]

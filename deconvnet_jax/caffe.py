@@ -77,7 +77,7 @@ from flax import traverse_util
 from deconvnet_jax import batchnorm
 from deconvnet_jax.checkpoints import check_new_dir, model_meta, write_checkpoint
 from deconvnet_jax.configs import ModelConfig
-from deconvnet_jax.data.voc import VOC_CLASSES
+from deconvnet_jax.labels import VOC_CLASSES
 from deconvnet_jax.models import DECODER_PLAN, VGG16_PLAN, abbreviated, build_model, get_variables
 
 KINDS = ("vgg16", "fcn8s", "deconvnet", "deconvnet-train")

@@ -12,7 +12,7 @@ from typing import Iterable
 
 import numpy as np
 
-from deconvnet_jax.data.voc import VOID
+from deconvnet_jax.labels import VOID
 from deconvnet_jax.images import atomic_path
 
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-VOID = 255
+from deconvnet_jax.labels import VOID
 
 
 def confusion_matrix(label: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:

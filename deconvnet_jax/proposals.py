@@ -7,13 +7,9 @@ Dollar 2014) times colour contrast with a surrounding ring (after Alexe et al.
 2012), then greedy NMS and the top K. Host-side NumPy only.
 """
 
-import argparse
-import time
 from math import ceil
 
 import numpy as np
-
-from deconvnet_jax.data.voc import read_example, read_split
 
 # Window sides as fractions of the shorter image side; aspect ratios are height / width.
 SCALES = (0.15, 0.2, 0.27, 0.35, 0.45, 0.57, 0.72, 0.87, 1.0)
@@ -263,42 +259,3 @@ def recall(proposals_per_image, gt_boxes_per_image, iou: float = 0.5) -> float:
     if overlaps.size:
       found += int(np.sum(overlaps.max(axis=1) >= iou))
   return found / total if total else float("nan")
-
-
-def main():
-  parser = argparse.ArgumentParser(description="Proposal recall on a VOC-layout folder.")
-  parser.add_argument("--data", required=True, help="folder in the VOC 2012 layout")
-  parser.add_argument("--split", default="val")
-  parser.add_argument("--top-k", type=int, default=50)
-  parser.add_argument("--min-size", type=float, default=None,
-                      help="smallest proposal side in px (default: 112 scaled to the image; 0: none)")
-  parser.add_argument("--iou-threshold", type=float, default=0.7, help="NMS threshold")
-  parser.add_argument("--generator", choices=("windows", "selective_search"), default="windows")
-  parser.add_argument("--random-ranking", action="store_true",
-                      help="baseline: the sliding windows in a seeded random order, no objectness, no NMS")
-  parser.add_argument("--recall-iou", type=float, default=0.5)
-  args = parser.parse_args()
-  rng = np.random.default_rng(0)
-  proposals, gt, seconds = [], [], 0.0
-  for image_id in read_split(args.data, args.split):
-    example = read_example(args.data, image_id)
-    start = time.perf_counter()
-    if args.random_ranking:
-      height, width = example.image.shape[:2]
-      min_size = default_min_size(height, width) if args.min_size is None else args.min_size
-      windows = sliding_windows(height, width, min_size=min_size)
-      boxes = windows[rng.permutation(len(windows))[:args.top_k]]
-    else:
-      boxes, _ = propose(example.image, args.top_k, args.min_size, args.iou_threshold, args.generator)
-    seconds += time.perf_counter() - start
-    proposals.append(boxes)
-    gt.append(example.boxes)
-  print(f"{len(gt)} images, {sum(len(g) for g in gt)} objects, "
-        f"{seconds / max(len(gt), 1):.4f} s per image")
-  for k in sorted({k for k in (1, 2, 5, 10, 20, 50) if k <= args.top_k} | {args.top_k}):
-    print(f"recall@{k} (IoU >= {args.recall_iou}): "
-          f"{recall([p[:k] for p in proposals], gt, args.recall_iou):.3f}")
-
-
-if __name__ == "__main__":
-  main()

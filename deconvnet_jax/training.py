@@ -16,7 +16,8 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-VOID = 255
+from deconvnet_jax.configs import OptimConfig
+from deconvnet_jax.labels import VOID
 
 
 @struct.dataclass
@@ -25,17 +26,6 @@ class TrainState:
   batch_stats: Any  # nnx.State of nnx.BatchStat
   opt_state: Any
   step: jax.Array  # int32 scalar
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-  """The paper's SGD: lr 0.01, momentum 0.9, weight decay 5e-4 on kernels; optional step decay."""
-
-  learning_rate: float = 0.01
-  momentum: float = 0.9
-  weight_decay: float = 5e-4
-  decay_steps: tuple[int, ...] = ()  # multiply the rate by decay_factor at each of these steps
-  decay_factor: float = 0.1
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from deconvnet_jax.data.voc import voc_colormap
+from deconvnet_jax.labels import voc_colormap
 from deconvnet_jax.images import atomic_path
 
 

@@ -11,7 +11,7 @@ import infer
 from deconvnet_jax import batchnorm, checkpoints
 from deconvnet_jax.configs import model_config
 from deconvnet_jax.data.generated import generate
-from deconvnet_jax.data.voc import VOC_CLASSES
+from deconvnet_jax.labels import VOC_CLASSES
 from deconvnet_jax.inference import Network
 from deconvnet_jax.models import build_model, get_variables, set_variables
 

@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from deconvnet_jax.data.coco import CocoDataset
-from deconvnet_jax.data.examples import CropSpec, crop_item, stage1_items
-from deconvnet_jax.data.voc import VOC_CLASSES, DataError
+from deconvnet_jax.data.examples import CropSpec, crop_item
+from deconvnet_jax.data.items import stage1_items
+from deconvnet_jax.labels import VOC_CLASSES, DataError
 
 # pycocotools' decode trips NumPy 2's __array__(copy=) deprecation; nothing of ours.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

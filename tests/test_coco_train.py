@@ -12,7 +12,7 @@ import train
 from deconvnet_jax import checkpoints
 from deconvnet_jax.data import coco
 from deconvnet_jax.data.generated import generate, make_example
-from deconvnet_jax.data.voc import VOC_CLASSES
+from deconvnet_jax.labels import VOC_CLASSES
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -72,10 +72,10 @@ def test_train_on_coco_then_evaluate_then_fine_tune_on_voc(coco_root, tmp_path, 
                      "--workdir", str(tmp_path / "coco")] + common) == 0
   out = capsys.readouterr().out
   assert "COCO train2017 (voc class map, 21 classes): 8 images" in out
-  assert "8 train / 2 val images" in out  # --val-limit
+  assert "training on COCO train2017: 8 images; validating on COCO val2017 (first 2): 2 images" in out
   assert "stage 1:" in out  # instance-centred crops from the COCO instances
   meta = checkpoints.read_meta(tmp_path / "coco")
-  assert meta["class_names"] == list(VOC_CLASSES) and meta["train_config"]["coco_class_map"] == "voc"
+  assert meta["class_names"] == list(VOC_CLASSES) and meta["train_config"]["data"]["coco_class_map"] == "voc"
   record = json.loads((tmp_path / "coco" / "metrics.jsonl").read_text().splitlines()[-1])
   assert record["step"] == 4 and len(record["val_iou"]) == 21 and np.isfinite(record["loss"])
 

@@ -6,7 +6,8 @@ from PIL import Image
 
 from deconvnet_jax.data.generated import CLASSES, generate
 from deconvnet_jax.viz import palette_image
-from deconvnet_jax.data.voc import DataError, read_example, read_split, voc_colormap
+from deconvnet_jax.data.voc import read_example, read_split
+from deconvnet_jax.labels import DataError, voc_colormap
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deconvnet_jax.data.examples import CropSpec, Item, crop_item, stage1_items, stage2_items
+from deconvnet_jax.data.examples import CropSpec, crop_item
+from deconvnet_jax.data.items import Item, stage1_items, stage2_items
 from deconvnet_jax.data.generated import generate
 from deconvnet_jax.data.pipeline import batches_from, training_dataset
-from deconvnet_jax.data.voc import VOID, read_example, read_split
+from deconvnet_jax.data.voc import read_example, read_split
+from deconvnet_jax.labels import VOID
 from deconvnet_jax.viz import palette_image
 
 
@@ -60,7 +62,7 @@ def test_stage2_keeps_exactly_the_proposals_with_iou_at_least_half(examples):
     return boxes, np.arange(40)[::-1]
 
   calls = []
-  items = stage2_items(examples, lambda image: calls.append(propose(image)) or calls[-1], 0.5)
+  items = stage2_items(examples, lambda image: calls.append(propose(image)) or calls[-1], 0.5, threads=1)
   expected = []
   for index, (ex, (boxes, _)) in enumerate(zip(examples, calls)):
     for box in boxes:
@@ -72,7 +74,7 @@ def test_stage2_keeps_exactly_the_proposals_with_iou_at_least_half(examples):
         best = max(best, ih * iw / union)
       if best >= 0.5:
         expected.append(Item(index, tuple(float(v) for v in box)))
-  assert items == expected and len(items) > 0
+  assert list(items) == expected and len(items) > 0
   capped = stage2_items(examples, propose, 0.0, per_image=3)
   assert max(np.bincount([it.index for it in capped])) == 3
 

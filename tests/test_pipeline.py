@@ -3,7 +3,7 @@
 import numpy as np
 
 from deconvnet_jax.data.pipeline import padded_eval_batches, random_crop, training_dataset, whole_image_example
-from deconvnet_jax.data.voc import Example
+from deconvnet_jax.labels import Example
 from deconvnet_jax.normalization import denormalize
 
 

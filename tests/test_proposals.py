@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 
+import proposal_recall
 from deconvnet_jax import proposals
 from deconvnet_jax.data.generated import generate
 from deconvnet_jax.data.voc import read_example, read_split
@@ -180,11 +181,9 @@ def test_selective_search_boxes_inside_image(generated):
   assert len(found) == 5
 
 
-def test_main_prints_recall_table(generated, monkeypatch, capsys):
-  argv = ["proposals", "--data", str(generated), "--split", "val", "--top-k", "5"]
-  monkeypatch.setattr(sys, "argv", argv)
-  proposals.main()
+def test_recall_tool_prints_recall_table(generated, capsys):
+  assert proposal_recall.main(["--data", str(generated), "--split", "val", "--top-k", "5", "--limit", "4"]) == 0
   out = capsys.readouterr().out
-  assert "5 images" in out and "s per image" in out
+  assert "4 images" in out and "s per image" in out
   assert [line.split(":")[0] for line in out.splitlines()[1:]] == [
       f"recall@{k} (IoU >= 0.5)" for k in (1, 2, 5)]

@@ -8,7 +8,8 @@ import pytest
 import train
 from deconvnet_jax import class_weights, configs, metrics, recipes, train_loop, training
 from deconvnet_jax.data.generated import generate
-from deconvnet_jax.data.voc import VOC_CLASSES, read_example, read_split
+from deconvnet_jax.data.voc import read_example, read_split
+from deconvnet_jax.labels import VOC_CLASSES
 from deconvnet_jax.models import build_model, forward_flops
 
 

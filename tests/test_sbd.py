@@ -3,12 +3,10 @@
 import numpy as np
 import pytest
 import scipy.io
-import scipy.sparse
-from PIL import Image
 
-from deconvnet_jax.data.generated import generate
-from deconvnet_jax.data.voc import (DataError, read_sbd_example, read_sbd_split, read_source_example,
-                                    train_aug_ids)
+from deconvnet_jax.data.generated import generate, save_sbd_example
+from deconvnet_jax.data.voc import read_sbd_example, read_sbd_split, read_source_example, train_aug_ids
+from deconvnet_jax.labels import DataError
 
 # SBD images as hand-drawn rectangles: id -> (height, width, [(class, y0, x0, y1, x1), ...]),
 # later rectangles drawn over earlier ones. gen_00001 is also in the VOC train split,
@@ -35,28 +33,11 @@ def draw(height, width, objects):
   return label, instances, np.asarray([o[0] for o in objects], np.uint8)
 
 
-def boundaries(mask, num):
-  """A cell array of sparse edge maps, as SBD stores next to each Segmentation."""
-  cells = np.empty((num, 1), object)
-  for k in range(num):
-    cells[k, 0] = scipy.sparse.csc_matrix(mask == k + 1, dtype=np.float64)
-  return cells
-
-
 def write_sbd_image(dataset, image_id, height, width, objects, seed=0):
   """img/ID.jpg, cls/ID.mat (GTcls) and inst/ID.mat (GTinst) with SBD's struct and field names."""
   label, instances, categories = draw(height, width, objects)
-  for sub in ("img", "cls", "inst"):
-    (dataset / sub).mkdir(parents=True, exist_ok=True)
   image = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-  Image.fromarray(image).save(dataset / "img" / f"{image_id}.jpg", quality=90)
-  present = np.unique(label[label > 0]).astype(np.uint8)
-  scipy.io.savemat(dataset / "cls" / f"{image_id}.mat", {"GTcls": {
-      "Boundaries": boundaries(label, 20), "Segmentation": label,
-      "CategoriesPresent": present.reshape(-1, 1)}}, do_compression=True)
-  scipy.io.savemat(dataset / "inst" / f"{image_id}.mat", {"GTinst": {
-      "Segmentation": instances, "Boundaries": boundaries(instances, len(objects)),
-      "Categories": categories.reshape(-1, 1)}}, do_compression=True)
+  save_sbd_example(dataset, image_id, image, label, instances, categories)
 
 
 def make_voc_and_sbd(root):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from deconvnet_jax.data import tfds_voc
 from deconvnet_jax.data.tfds_voc import SBD_ARCHIVE, SBD_FOLDER, VOC_ARCHIVE, VOC_FOLDER
-from deconvnet_jax.data.voc import DataError
+from deconvnet_jax.labels import DataError
 from test_sbd import SBD_TRAIN, SBD_VAL, TRAIN_AUG, draw, make_voc_and_sbd
 
 VOC_VAL = ["gen_00003", "gen_00004"]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -154,10 +155,10 @@ def test_mismatched_workdir_and_init_from_are_clear_errors(data, tmp_path, capsy
   assert train.main(["--data", str(data), "--workdir", str(tmp_path / "run"), "--steps", "4",
                      "--set", "width=0.25"]) == 2
   assert "holds another network (width: checkpoint 0.125, now 0.25)" in capsys.readouterr().err
-  with pytest.raises(SystemExit, match=r"--init-from .*deconv1_1/layer/kernel has shape \(8, 8, 3, 3\), "
-                                       r"the model expects \(16, 16, 3, 3\).*another class count or width"):
-    train.main(["--data", str(data), "--workdir", str(tmp_path / "other"), "--steps", "2",
-                "--set", "width=0.25", "--init-from", str(tmp_path / "run")])
+  assert train.main(["--data", str(data), "--workdir", str(tmp_path / "other"), "--steps", "2",
+                     "--set", "width=0.25", "--init-from", str(tmp_path / "run")]) == 2
+  assert re.search(r"--init-from .*deconv1_1/layer/kernel has shape \(8, 8, 3, 3\), "
+                   r"the model expects \(16, 16, 3, 3\).*another class count or width", capsys.readouterr().err)
 
 
 def _train_process(data, workdir, steps, devices=1, **popen):

@@ -21,12 +21,12 @@ import operator
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pycocotools.mask as mask_utils
 
-from deconvnet_jax.data.voc import VOC_CLASSES, VOID, DataError, Example, read_image
+from deconvnet_jax.data.voc import read_image
+from deconvnet_jax.labels import VOC_CLASSES, VOID, DataError, Example, Instances
 
 COCO_TO_VOC = {
     "airplane": "aeroplane", "bicycle": "bicycle", "bird": "bird", "boat": "boat", "bottle": "bottle",
@@ -37,14 +37,6 @@ COCO_TO_VOC = {
 CLASS_MAPS = ("voc", "coco")
 BORDER_TOLERANCE = 1.0  # pixels a polygon may reach past the image (COCO's sometimes do); clipped
 MAX_INSTANCES = VOID - 1  # instance ids 1..254 fit the uint8 mask beside 0 and 255
-
-
-class Instances(NamedTuple):
-  """An image's instances, in annotation-id order; ids index `Example.instances`."""
-
-  ids: np.ndarray  # [N] int32, 1..N
-  boxes: np.ndarray  # [N, 4] int32 (y0, x0, y1, x1), exclusive end, from the annotation
-  classes: np.ndarray  # [N] int32
 
 
 class _Skip(DataError):
@@ -142,6 +134,21 @@ class CocoDataset(Sequence):
     """(height, width) of image `index` as the JSON gives it."""
     im = self._images[operator.index(index)]
     return im.height, im.width
+
+  def image_id(self, index: int) -> str:
+    return str(self._images[operator.index(index)].coco_id)
+
+  @property
+  def name(self) -> str:
+    return f"COCO {self.split}"
+
+  @property
+  def fingerprint(self) -> dict:
+    """What caches of data derived from this split are keyed by."""
+    stat = self.annotation_file.stat()
+    return {"kind": "coco", "annotations": str(self.annotation_file.absolute()), "bytes": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns, "class_map": self.class_map, "skip_bad": self.skip_bad,
+            "images": len(self)}
 
   def image_file(self, index: int) -> Path:
     return self.image_dir / self._images[operator.index(index)].file_name

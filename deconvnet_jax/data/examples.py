@@ -1,21 +1,19 @@
 """The two training stages' examples: crops around instances (stage 1) and around proposals (stage 2).
 
-An item names an image, a box and, for stage 1, the instance that keeps its
-class. Cropping enlarges the box 1.2x around its centre, takes the square
+An item (data/items.py) names an image, a box and, for stage 1, the instance
+that keeps its class. Cropping enlarges the box 1.2x around its centre, takes the square
 region (padding past the border: image zeros after normalisation, labels void),
 resizes it to 250 x 250, then takes a random 224 x 224 crop and flips half of
 them (SPEC.md section 2).
 """
 
 import dataclasses
-from typing import Callable
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
-from deconvnet_jax.data.voc import VOID, Example
-from deconvnet_jax.proposals import box_iou
+from deconvnet_jax.data.items import Item
+from deconvnet_jax.labels import VOID, Example
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,37 +21,6 @@ class CropSpec:
   resize: int = 250
   crop: int = 224
   context: float = 1.2  # box enlargement around its centre
-
-
-@dataclasses.dataclass(frozen=True)
-class Item:
-  index: int  # into the example list
-  box: tuple[float, float, float, float]  # (y0, x0, y1, x1), exclusive end
-  instance: int = 0  # stage 1: the instance id that keeps its class; 0: keep every class
-
-
-def stage1_items(examples: list[Example]) -> list[Item]:
-  """One item per ground-truth instance, around its tight box."""
-  return [Item(i, tuple(float(v) for v in box), int(instance))
-          for i, ex in enumerate(examples)
-          for instance, box in zip(ex.ids, ex.boxes)]
-
-
-def stage2_items(examples: list[Example], propose: Callable, iou_threshold: float = 0.5,
-                 per_image: int | None = None) -> list[Item]:
-  """Proposals whose IoU with some ground-truth instance is >= iou_threshold, best-ranked first.
-
-  propose: image [H, W, 3] uint8 -> (boxes [K, 4], scores [K]), the generator inference uses.
-  per_image: keep at most this many per image (None: all).
-  """
-  items = []
-  for i, ex in enumerate(tqdm(examples, desc="stage-2 proposals", leave=False)):
-    if len(ex.boxes) == 0:
-      continue
-    boxes, _ = propose(ex.image)
-    keep = np.nonzero(box_iou(np.asarray(boxes, np.float64), ex.boxes).max(1) >= iou_threshold)[0]
-    items += [Item(i, tuple(float(v) for v in boxes[k])) for k in keep[:per_image]]
-  return items
 
 
 def context_square(box, context: float) -> tuple[float, float, float]:

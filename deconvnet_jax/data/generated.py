@@ -1,4 +1,4 @@
-"""A generated dataset in the VOC 2012 layout, deterministic from a seed.
+"""A generated dataset in the VOC 2012 layout (optionally with an SBD folder beside it), deterministic from a seed.
 
 Five object classes, each a shape with its own saturated colour family and
 texture, at varied sizes and positions, overlapping, on low-saturation textured
@@ -10,9 +10,12 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import scipy.io
+import scipy.sparse
 from PIL import Image
+from tqdm import tqdm
 
-from deconvnet_jax.data.voc import VOC_CLASSES, VOID
+from deconvnet_jax.labels import VOC_CLASSES, VOID
 from deconvnet_jax.images import save_atomic
 from deconvnet_jax.viz import palette_image
 
@@ -137,14 +140,78 @@ def generate(root, num_train: int = 200, num_val: int = 50, seed: int = 0,
   return root
 
 
+def _boundaries(mask: np.ndarray, num: int) -> np.ndarray:
+  """A cell array of sparse edge maps, as SBD stores beside each Segmentation."""
+  cells = np.empty((num, 1), object)
+  for k in range(num):
+    cells[k, 0] = scipy.sparse.csc_matrix(mask == k + 1, dtype=np.float64)
+  return cells
+
+
+def save_sbd_example(dataset, image_id: str, image: np.ndarray, label: np.ndarray,
+                     instances: np.ndarray, categories: np.ndarray, quality: int = 90):
+  """img/ID.jpg, cls/ID.mat (GTcls) and inst/ID.mat (GTinst) with SBD's struct and field names.
+
+  categories: [N] class of instance ids 1..N. SBD has no void: pass masks without 255.
+  """
+  dataset = Path(dataset)
+  for sub in ("img", "cls", "inst"):
+    (dataset / sub).mkdir(parents=True, exist_ok=True)
+  save_atomic(Image.fromarray(image), dataset / "img" / f"{image_id}.jpg", quality=quality)
+  present = np.unique(label[label > 0]).astype(np.uint8)
+  scipy.io.savemat(dataset / "cls" / f"{image_id}.mat", {"GTcls": {
+      "Boundaries": _boundaries(label, 20), "Segmentation": label,
+      "CategoriesPresent": present.reshape(-1, 1)}}, do_compression=True)
+  scipy.io.savemat(dataset / "inst" / f"{image_id}.mat", {"GTinst": {
+      "Segmentation": instances, "Boundaries": _boundaries(instances, len(categories)),
+      "Categories": np.asarray(categories, np.uint8).reshape(-1, 1)}}, do_compression=True)
+
+
+def generate_voc_and_sbd(root, num_train: int, num_val: int, num_sbd_only: int, seed: int = 0,
+                         image_size: tuple[int, int] = (375, 500)) -> tuple[Path, Path]:
+  """root/VOCdevkit/VOC2012 and root/benchmark_RELEASE/dataset laid out as the real archives extract.
+
+  SBD holds every VOC train image again (annotated without void, as SBD is) and
+  `num_sbd_only` images of its own, split 3:1 into its train and val, so train_aug
+  has num_train + num_sbd_only images. For measuring the data layer at scale.
+  """
+  root = Path(root)
+  voc_root = generate(root / "VOCdevkit" / "VOC2012", num_train, num_val, seed, image_size)
+  dataset = root / "benchmark_RELEASE" / "dataset"
+  rng = np.random.default_rng([seed, 1])
+  voc_train = (voc_root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+  ids = voc_train + [f"sbd_{i:06d}" for i in range(num_sbd_only)]
+  for image_id in tqdm(ids, desc="writing SBD", leave=False):
+    image, label, instances = make_example(rng, *image_size)
+    void = label == VOID
+    label[void], instances[void] = 0, 0
+    categories = [np.bincount(label[instances == k]).argmax() if np.any(instances == k) else CLASSES[0]
+                  for k in range(1, int(instances.max()) + 1)]
+    save_sbd_example(dataset, image_id, image, label, instances, np.asarray(categories))
+  cut = len(ids) * 3 // 4
+  for name, members in (("train", ids[:cut]), ("val", ids[cut:])):
+    (dataset / f"{name}.txt").write_text("".join(f"{i}\n" for i in members))
+  return voc_root, dataset
+
+
 def main():
-  parser = argparse.ArgumentParser(description="Write the generated VOC-layout dataset.")
+  parser = argparse.ArgumentParser(description="Write the generated VOC-layout dataset "
+                                   "(with --sbd-only N, VOCdevkit/VOC2012 and benchmark_RELEASE/dataset).")
   parser.add_argument("root")
   parser.add_argument("--train", type=int, default=200)
   parser.add_argument("--val", type=int, default=50)
+  parser.add_argument("--sbd-only", type=int, metavar="N",
+                      help="also write an SBD folder: VOC train again plus N images of its own")
+  parser.add_argument("--sides", type=int, nargs=2, default=(96, 176), metavar=("MIN", "MAX"),
+                      help="image sides in pixels (VOC's are about 375 and 500)")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
-  print(f"wrote {generate(args.root, args.train, args.val, args.seed)}")
+  if args.sbd_only is None:
+    print(f"wrote {generate(args.root, args.train, args.val, args.seed, tuple(args.sides))}")
+    return
+  voc_root, sbd = generate_voc_and_sbd(args.root, args.train, args.val, args.sbd_only, args.seed,
+                                       tuple(args.sides))
+  print(f"wrote {voc_root} and {sbd}")
 
 
 if __name__ == "__main__":

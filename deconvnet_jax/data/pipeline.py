@@ -1,12 +1,14 @@
 """Host-side batches: random crops with flips for training, padded full images for evaluation."""
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, Sequence
 
 import grain
 import numpy as np
 
-from deconvnet_jax.data.examples import CropSpec, Item, crop_item
-from deconvnet_jax.data.voc import VOID, Example
+from deconvnet_jax.data.examples import CropSpec, crop_item
+from deconvnet_jax.data.items import Item
+from deconvnet_jax.labels import VOID, Example
 from deconvnet_jax.normalization import normalize
 
 
@@ -71,24 +73,26 @@ def whole_image_example(ex: Example, crop: int, norm: str, rng) -> dict:
   return {"image": normalize(image, norm) * valid[..., None], "label": label.astype(np.int32)}
 
 
-def padded_eval_batches(examples: Sequence[Example], batch_size: int, norm: str, multiple: int = 32):
+def padded_eval_batches(examples: Sequence[Example], batch_size: int, norm: str, multiple: int = 32,
+                        threads: int = 8):
   """Full images, grouped by size rounded up to `multiple` and padded (bottom / right) to it.
 
   Few distinct shapes, so evaluation compiles a few times at most, and little
   padding that training never saw. Yields (images [B, H, W, 3] float32, labels
   [B, H, W] int32 with 255 on padding); short batches are filled with void images.
-  A lazy sequence with a `size(i)` method (COCO) is decoded one batch at a time.
+  A lazy split (data/sources.py) is decoded one batch at a time, by `threads` threads.
   """
   size = getattr(examples, "size", lambda i: examples[i].label.shape)
   groups: dict[tuple[int, ...], list[int]] = {}
   for i in range(len(examples)):
     groups.setdefault(tuple(-(-n // multiple) * multiple for n in size(i)), []).append(i)
-  for (side_h, side_w), group in sorted(groups.items()):
-    for start in range(0, len(group), batch_size):
-      images = np.zeros((batch_size, side_h, side_w, 3), np.float32)
-      labels = np.full((batch_size, side_h, side_w), VOID, np.int32)
-      for i, ex in enumerate(examples[j] for j in group[start:start + batch_size]):
-        h, w = ex.label.shape
-        images[i, :h, :w] = normalize(ex.image, norm)
-        labels[i, :h, :w] = ex.label
-      yield images, labels
+  with ThreadPoolExecutor(threads) as pool:
+    for (side_h, side_w), group in sorted(groups.items()):
+      for start in range(0, len(group), batch_size):
+        images = np.zeros((batch_size, side_h, side_w, 3), np.float32)
+        labels = np.full((batch_size, side_h, side_w), VOID, np.int32)
+        for i, ex in enumerate(pool.map(examples.__getitem__, group[start:start + batch_size])):
+          h, w = ex.label.shape
+          images[i, :h, :w] = normalize(ex.image, norm)
+          labels[i, :h, :w] = ex.label
+        yield images, labels

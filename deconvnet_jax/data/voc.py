@@ -1,4 +1,4 @@
-"""PASCAL VOC 2012 and SBD layouts: class names, palette, split files and per-image records.
+"""PASCAL VOC 2012 and SBD layouts: split files and per-image records.
 
 Reads an extracted `VOC2012` folder (or any folder in its layout, such as the
 generated dataset): JPEGImages/ID.jpg, SegmentationClass/ID.png and
@@ -10,49 +10,13 @@ Segmentation holds instance ids, Categories the class of each) and
 {train,val}.txt. Both give the same `Example`; `train_aug_ids` joins them.
 """
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 import scipy.io
 from PIL import Image
 
-VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
-    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-    "sheep", "sofa", "train", "tvmonitor")
-VOID = 255
-
-
-def voc_colormap(n: int = 256) -> np.ndarray:
-  """The standard bit-interleaved VOC palette: [n, 3] uint8 (index 255 is (224, 224, 192))."""
-  cmap = np.zeros((n, 3), np.uint8)
-  for i in range(n):
-    c, r, g, b = i, 0, 0, 0
-    for j in range(8):
-      r |= ((c >> 0) & 1) << (7 - j)
-      g |= ((c >> 1) & 1) << (7 - j)
-      b |= ((c >> 2) & 1) << (7 - j)
-      c >>= 3
-    cmap[i] = (r, g, b)
-  return cmap
-
-
-@dataclasses.dataclass
-class Example:
-  """One annotated image."""
-
-  image_id: str
-  image: np.ndarray  # [H, W, 3] uint8 RGB
-  label: np.ndarray  # [H, W] uint8 class index, 255 = void
-  instances: np.ndarray  # [H, W] uint8 instance id 1..N, 0 = none, 255 = void
-  boxes: np.ndarray  # [N, 4] int32 (y0, x0, y1, x1), exclusive end, one per instance
-  classes: np.ndarray  # [N] int32 class of each instance
-  ids: np.ndarray  # [N] int32 id of each instance in `instances` (ids need not be contiguous)
-
-
-class DataError(ValueError):
-  """A dataset file is missing or wrong; the message names it."""
+from deconvnet_jax.labels import VOC_CLASSES, VOID, DataError, Example, Instances
 
 
 def image_file(source: str, root, image_id: str) -> Path:
@@ -92,11 +56,22 @@ def check_classes(label: np.ndarray, num_classes: int, where) -> None:
     raise DataError(f"{where}: class indices {bad.tolist()} outside 0..{num_classes - 1} (and 255 void)")
 
 
-def check_size(mask: np.ndarray, image: np.ndarray, where) -> None:
-  """Refuses a mask whose size differs from its image's."""
+def check_size(mask: np.ndarray, image: np.ndarray, where, other: str = "its image") -> None:
+  """Refuses a mask whose size differs from its image's (or the other mask's)."""
   if mask.shape != image.shape[:2]:
-    raise DataError(f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+    raise DataError(f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} but {other} is "
                     f"{image.shape[1]}x{image.shape[0]}")
+
+
+def image_size(path: Path) -> tuple[int, int]:
+  """(height, width) of an image file from its header, without decoding the pixels."""
+  try:
+    with Image.open(path) as im:
+      return im.height, im.width
+  except FileNotFoundError as e:
+    raise DataError(f"{path}: image file not found") from e
+  except OSError as e:
+    raise DataError(f"{path}: cannot read the image header: {e}") from e
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -115,7 +90,7 @@ def present_ids(instances: np.ndarray) -> np.ndarray:
   return ids[(ids > 0) & (ids < VOID)].astype(np.int32)
 
 
-def instance_boxes(label: np.ndarray, instances: np.ndarray, where="",
+def instance_boxes(label: np.ndarray | None, instances: np.ndarray, where="",
                    categories: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Tight box and class of each instance id present in `instances` (present_ids order).
 
@@ -141,18 +116,31 @@ def instance_boxes(label: np.ndarray, instances: np.ndarray, where="",
   return np.asarray(boxes, np.int32).reshape(-1, 4), np.asarray(classes, np.int32)
 
 
+def _voc_masks(root: Path, image_id: str, num_classes: int):
+  """(class mask, instance mask, instance-mask path); no SegmentationObject file: no instances."""
+  label = read_index_png(root / "SegmentationClass" / f"{image_id}.png", num_classes)
+  object_path = root / "SegmentationObject" / f"{image_id}.png"
+  instances = read_index_png(object_path) if object_path.exists() else np.zeros_like(label)
+  return label, instances, object_path
+
+
 def read_example(root, image_id: str, num_classes: int = len(VOC_CLASSES)) -> Example:
   """The image, class mask, instance mask and per-instance boxes / classes of one id."""
   root = Path(root)
   image = read_image(image_file("voc", root, image_id))
-  label_path = root / "SegmentationClass" / f"{image_id}.png"
-  label = read_index_png(label_path, num_classes)
-  object_path = root / "SegmentationObject" / f"{image_id}.png"
-  instances = read_index_png(object_path) if object_path.exists() else np.zeros_like(label)
-  for path, mask in ((label_path, label), (object_path, instances)):
-    check_size(mask, image, path)
+  label, instances, object_path = _voc_masks(root, image_id, num_classes)
+  check_size(label, image, root / "SegmentationClass" / f"{image_id}.png")
+  check_size(instances, image, object_path)
   boxes, classes = instance_boxes(label, instances, object_path)
   return Example(image_id, image, label, instances, boxes, classes, present_ids(instances))
+
+
+def read_instances(root, image_id: str, num_classes: int = len(VOC_CLASSES)) -> Instances:
+  """One id's instance ids, boxes and classes from its masks alone (the JPEG is not decoded)."""
+  label, instances, object_path = _voc_masks(Path(root), image_id, num_classes)
+  check_size(instances, label, object_path, "its class mask")
+  boxes, classes = instance_boxes(label, instances, object_path)
+  return Instances(present_ids(instances), boxes, classes)
 
 
 def sbd_folder(root) -> Path:
@@ -209,6 +197,15 @@ def read_sbd_example(root, image_id: str, num_classes: int = len(VOC_CLASSES)) -
   (segmentation,) = read_mat_struct(cls_path, "GTcls", ("Segmentation",))
   label = mat_mask(segmentation, f"{cls_path}: GTcls.Segmentation")
   check_classes(label, num_classes, cls_path)
+  instances, categories, inst_path = _sbd_instances(root, image_id, num_classes)
+  for path, mask in ((cls_path, label), (inst_path, instances)):
+    check_size(mask, image, path)
+  boxes, classes = instance_boxes(label, instances, inst_path, categories)
+  return Example(image_id, image, label, instances, boxes, classes, present_ids(instances))
+
+
+def _sbd_instances(root: Path, image_id: str, num_classes: int):
+  """(GTinst.Segmentation [H, W] uint8, GTinst.Categories [N] int32, the .mat path), checked."""
   inst_path = root / "inst" / f"{image_id}.mat"
   segmentation, categories = read_mat_struct(inst_path, "GTinst", ("Segmentation", "Categories"))
   instances = mat_mask(segmentation, f"{inst_path}: GTinst.Segmentation")
@@ -217,19 +214,32 @@ def read_sbd_example(root, image_id: str, num_classes: int = len(VOC_CLASSES)) -
       (categories < 1) | (categories >= num_classes) | (categories != np.round(categories))):
     raise DataError(f"{inst_path}: GTinst.Categories must list classes 1..{num_classes - 1}, "
                     f"got {categories.tolist()}")
-  for path, mask in ((cls_path, label), (inst_path, instances)):
-    check_size(mask, image, path)
-  boxes, classes = instance_boxes(label, instances, inst_path, categories.astype(np.int32))
-  return Example(image_id, image, label, instances, boxes, classes, present_ids(instances))
+  return instances, categories.astype(np.int32), inst_path
+
+
+def read_sbd_instances(root, image_id: str, num_classes: int = len(VOC_CLASSES)) -> Instances:
+  """An SBD id's instance ids, boxes and classes from inst/ID.mat alone."""
+  instances, categories, inst_path = _sbd_instances(sbd_folder(root), image_id, num_classes)
+  boxes, classes = instance_boxes(None, instances, inst_path, categories)
+  return Instances(present_ids(instances), boxes, classes)
 
 
 def read_source_example(source: str, root, image_id: str,
                         num_classes: int = len(VOC_CLASSES)) -> Example:
   """One example from a VOC2012 folder (source "voc") or an SBD folder ("sbd")."""
-  readers = {"voc": read_example, "sbd": read_sbd_example}
+  return _reader(source, {"voc": read_example, "sbd": read_sbd_example})(root, image_id, num_classes)
+
+
+def read_source_instances(source: str, root, image_id: str,
+                          num_classes: int = len(VOC_CLASSES)) -> Instances:
+  """One id's instance header from a VOC2012 folder (source "voc") or an SBD folder ("sbd")."""
+  return _reader(source, {"voc": read_instances, "sbd": read_sbd_instances})(root, image_id, num_classes)
+
+
+def _reader(source: str, readers: dict):
   if source not in readers:
     raise ValueError(f"unknown source {source!r}; expected one of {sorted(readers)}")
-  return readers[source](root, image_id, num_classes)
+  return readers[source]
 
 
 def train_aug_ids(voc_root, sbd_root) -> list[tuple[str, str]]:
