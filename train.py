@@ -24,7 +24,7 @@ from pathlib import Path
 
 import jax
 
-from deconvnet_jax import checkpoints, configs, recipes, train_loop
+from deconvnet_jax import checkpoints, configs, recipes, train_loop, training
 from deconvnet_jax.configs import DataConfig, TrainConfig
 from deconvnet_jax.data import sources
 from deconvnet_jax.labels import DataError
@@ -65,6 +65,10 @@ def parse_args(argv=None) -> TrainConfig:
   p.add_argument("--seed", type=int, default=d.seed)
   p.add_argument("--workdir", type=Path, default=d.workdir)
   p.add_argument("--init-from", type=Path, help="start from this checkpoint's weights, fresh optimizer")
+  p.add_argument("--compilation-cache", type=Path, default=training.default_compilation_cache(),
+                 metavar="DIR", help="keep compiled XLA programs here, so a restart skips compiling "
+                                     "(default: %(default)s); --no-compilation-cache to turn it off")
+  p.add_argument("--no-compilation-cache", dest="compilation_cache", action="store_const", const=None)
   p.add_argument("--multihost", action="store_true",
                  help="call jax.distributed.initialize() first (TPU pod slices, multi-node GPU; "
                       "it reads the coordinator and process ids from the environment); "
@@ -84,6 +88,8 @@ def parse_args(argv=None) -> TrainConfig:
   a = p.parse_args(argv)
   if a.multihost or "JAX_COORDINATOR_ADDRESS" in os.environ:
     jax.distributed.initialize()
+  if a.compilation_cache is not None:
+    training.enable_compilation_cache(a.compilation_cache)
   data = sources.from_arguments(a, DataConfig())
   data = dataclasses.replace(data, **{f"{name}_split": getattr(a, f"{name}_split")
                                       for name in ("train", "val") if getattr(a, f"{name}_split")})

@@ -1,5 +1,6 @@
 """The training loop behind train.py: data, sharded steps, evaluation, checkpoints, resume."""
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -176,12 +177,8 @@ def initial_state(cfg: TrainConfig, ckpt: checkpoints.Checkpoints, mesh, tx):
   return graphdef, state, start_step
 
 
-def run(cfg: TrainConfig) -> dict:
-  """Trains (resuming from cfg.workdir if it holds checkpoints); returns the last metrics."""
-  t_start = time.perf_counter()
-  cfg, train_set, val_set = open_data(cfg)
-  class_names = train_set.class_names
-  mesh = training.make_mesh()
+def check_settings(cfg: TrainConfig, mesh) -> None:
+  """Refuses settings that cannot run, before any work is done."""
   if cfg.batch_size % mesh.size:
     raise TrainError(f"--batch-size {cfg.batch_size} must be a multiple of the {mesh.size} devices")
   if cfg.accumulate < 1:
@@ -189,70 +186,92 @@ def run(cfg: TrainConfig) -> dict:
   if cfg.model.arch == "deconvnet" and cfg.crop < min_input_size(cfg.model):
     raise TrainError(f"--crop {cfg.crop} is too small: with fc_kernel={cfg.model.fc_kernel} DeconvNet "
                      f"needs at least {min_input_size(cfg.model)} pixels per side")
+
+
+@contextlib.contextmanager
+def sigint_flag():
+  """Yields a list that Ctrl-C appends to (instead of raising), so the loop can save and stop."""
+  interrupted: list[bool] = []
+  previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+  try:
+    yield interrupted
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
+def run(cfg: TrainConfig) -> dict:
+  """Trains (resuming from cfg.workdir if it holds checkpoints); returns the last metrics."""
+  t_start = time.perf_counter()
+  cfg, train_set, val_set = open_data(cfg)
+  mesh = training.make_mesh()
+  check_settings(cfg, mesh)
   step_batch = cfg.batch_size * cfg.accumulate  # examples per update
   tx = training.make_optimizer(cfg.optim)
   ckpt = checkpoints.Checkpoints(cfg.workdir, cfg.keep)
-  graphdef, state, start_step = initial_state(cfg, ckpt, mesh, tx)
-
-  num_items, batches = training_batches(cfg, train_set, step_batch, start_step, cfg.workdir / "items")
-  step_fn = training.jit_train_step(graphdef, tx, mesh, micro_batches=cfg.accumulate,
-                                    loss=loss_config(cfg, train_set, class_names))
-  forward = training.jit_eval_logits(graphdef, mesh)
-  meta = checkpoints.model_meta(cfg.model, class_names, train_config=configs.to_json(cfg))
-  cfg.workdir.mkdir(parents=True, exist_ok=True)
-  (cfg.workdir / "config.json").write_text(json.dumps(meta, indent=2))
-  log = open(cfg.workdir / "metrics.jsonl", "a", encoding="utf-8")
-  print(f"model {cfg.model_name}; {mesh.size} {jax.devices()[0].platform} device(s); work dir {cfg.workdir}")
-  if cfg.accumulate > 1:
-    print(f"gradient accumulation: {cfg.accumulate} micro-batches of {cfg.batch_size} per step "
-          f"(effective batch {step_batch})")
-
-  interrupted = []
-  previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
-  record: dict = {}
-  step = start_step
-  total = cfg.steps if cfg.epochs is None else math.ceil(cfg.epochs * num_items / step_batch)
-  if cfg.recipe:
-    print(recipes.describe(cfg.recipe, cfg.model, cfg.crop, step_batch, total))
-  bar = tqdm(total=total, initial=start_step, desc="train", dynamic_ncols=True)
-  t0, done0 = time.perf_counter(), start_step
   try:
-    while step < total and not interrupted:
-      state, m = step_fn(state, training.global_batch(next(batches), mesh))
-      step += 1
-      bar.update(1)
-      if step == start_step + 1:
-        jax.block_until_ready(m)
-        bar.write(f"first step done {time.perf_counter() - t_start:.1f} s after the start")
-      last = step == total
-      if step % 10 == 0 or last or step % cfg.save_every == 0:
-        loss = float(m["loss"])
-        if not np.isfinite(loss):
-          raise TrainError(f"step {step}: loss is {loss}; stopped. The last good checkpoint is in "
-                           f"{cfg.workdir / 'checkpoints'}; lower the learning rate (--lr) and resume.")
-        rate = (step - done0) * step_batch / (time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.1f}")
-        record = {"step": step, "loss": loss, "accuracy": float(m["accuracy"]), "img_per_s": rate}
-        if step % cfg.eval_every == 0 or last:
-          record |= evaluate(forward, state, val_set, cfg.batch_size, cfg.model.input_norm, class_names)
-          ious = zip(class_names, record["val_iou"]) if len(class_names) <= 21 else ()
-          bar.write(f"step {step}: loss {loss:.3f}, val mIoU {record['val_miou']:.3f}" +
-                    "".join(f", {n[:5]} {x:.2f}" for n, x in ious if x is not None))
-          if "collapse" in record:
-            bar.write(f"WARNING step {step}: {record['collapse']}")
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-      if step % cfg.save_every == 0 or last or interrupted:
-        _save(ckpt, state, step, meta, record)
+    graphdef, state, step = initial_state(cfg, ckpt, mesh, tx)
+    num_items, batches = training_batches(cfg, train_set, step_batch, step, cfg.workdir / "items")
+    step_fn = training.jit_train_step(graphdef, tx, mesh, micro_batches=cfg.accumulate,
+                                      loss=loss_config(cfg, train_set, train_set.class_names))
+    forward = training.jit_eval_logits(graphdef, mesh)
+    meta = checkpoints.model_meta(cfg.model, train_set.class_names, train_config=configs.to_json(cfg))
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    (cfg.workdir / "config.json").write_text(json.dumps(meta, indent=2))
+    print(f"model {cfg.model_name}; {mesh.size} {jax.devices()[0].platform} device(s); work dir {cfg.workdir}")
+    if cfg.accumulate > 1:
+      print(f"gradient accumulation: {cfg.accumulate} micro-batches of {cfg.batch_size} per step "
+            f"(effective batch {step_batch})")
+    total = cfg.steps if cfg.epochs is None else math.ceil(cfg.epochs * num_items / step_batch)
+    if cfg.recipe:
+      print(recipes.describe(cfg.recipe, cfg.model, cfg.crop, step_batch, total))
+    evaluate_now = lambda state: evaluate(forward, state, val_set, cfg.batch_size, cfg.model.input_norm,
+                                          train_set.class_names)
+    record: dict = {}
+    start_step, t0 = step, time.perf_counter()
+    with (open(cfg.workdir / "metrics.jsonl", "a", encoding="utf-8") as log, sigint_flag() as interrupted,
+          tqdm(total=total, initial=step, desc="train", dynamic_ncols=True) as bar):
+      while step < total and not interrupted:
+        state, m = step_fn(state, training.global_batch(next(batches), mesh))
+        step += 1
+        bar.update(1)
+        if step == start_step + 1:
+          jax.block_until_ready(m)
+          bar.write(f"first step done {time.perf_counter() - t_start:.1f} s after the start")
+        last = step == total
+        if step % 10 == 0 or last or step % cfg.save_every == 0:
+          rate = (step - start_step) * step_batch / (time.perf_counter() - t0)
+          record = _step_record(cfg, step, m, rate)
+          bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{rate:.1f}")
+          if step % cfg.eval_every == 0 or last:
+            record |= evaluate_now(state)
+            _report(bar, record, train_set.class_names)
+          log.write(json.dumps(record) + "\n")
+          log.flush()
+        if step % cfg.save_every == 0 or last or interrupted:
+          _save(ckpt, state, step, meta, record)
     if interrupted:
       print(f"\ninterrupted: saved step {step} in {cfg.workdir / 'checkpoints'}; run again to resume")
   finally:
-    signal.signal(signal.SIGINT, previous)
-    bar.close()
     ckpt.wait()
     ckpt.close()
-    log.close()
   return record
+
+
+def _step_record(cfg: TrainConfig, step: int, metrics_: dict, rate: float) -> dict:
+  """The step's metrics line; a non-finite loss stops the run before anything is saved."""
+  loss = float(metrics_["loss"])
+  if not np.isfinite(loss):
+    raise TrainError(f"step {step}: loss is {loss}; stopped. The last good checkpoint is in "
+                     f"{cfg.workdir / 'checkpoints'}; lower the learning rate (--lr) and resume.")
+  return {"step": step, "loss": loss, "accuracy": float(metrics_["accuracy"]), "img_per_s": rate}
+
+
+def _report(bar, record: dict, class_names) -> None:
+  ious = zip(class_names, record["val_iou"]) if len(class_names) <= 21 else ()
+  bar.write(f"step {record['step']}: loss {record['loss']:.3f}, val mIoU {record['val_miou']:.3f}" +
+            "".join(f", {n[:5]} {x:.2f}" for n, x in ious if x is not None))
+  if "collapse" in record:
+    bar.write(f"WARNING step {record['step']}: {record['collapse']}")
 
 
 def _save(ckpt, state, step, meta, record):
