@@ -58,7 +58,7 @@ def data_config(args, meta: dict) -> TrainConfig:
   if args.train_split:
     data = dataclasses.replace(data, train_split=args.train_split)
   given = {name: getattr(args, name) for name in RUN_FIELDS if getattr(args, name) is not None}
-  return dataclasses.replace(cfg, data=train_loop.resolve_data(data), **given)
+  return dataclasses.replace(cfg, data=sources.resolve_data(data), **given)
 
 
 def training_batches(cfg: TrainConfig):

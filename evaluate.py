@@ -28,7 +28,6 @@ from deconvnet_jax.images import atomic_path, save_atomic
 from deconvnet_jax.inference import InferenceConfig, Segmenter
 from deconvnet_jax.labels import DataError, Example
 from deconvnet_jax.plots import line_plot
-from deconvnet_jax.train_loop import resolve_data
 
 PAPER = {"FCN-8s": 62.2, "DeconvNet": 69.6, "DeconvNet+CRF": 70.5, "EDeconvNet": 71.7,
          "EDeconvNet+CRF": 72.5}  # VOC 2012 test, mean IoU % (SPEC.md section 5)
@@ -85,7 +84,7 @@ def open_split(args, train_config: configs.TrainConfig, num_classes: int):
   data = train_config.data
   if args.coco is not None and args.class_map is None:  # the class map the checkpoint learned
     args.class_map = data.coco_class_map if data.kind == "coco" else ("coco" if num_classes == 81 else "voc")
-  data = resolve_data(sources.from_arguments(args, data))
+  data = sources.resolve_data(sources.from_arguments(args, data))
   split = args.split or data.val_split
   ds = sources.open_split(data, split, num_classes, training=False)
   if len(ds.class_names) != num_classes:

@@ -16,7 +16,6 @@ import numpy as np
 from deconvnet_jax import proposals
 from deconvnet_jax.data import sources
 from deconvnet_jax.labels import DataError
-from deconvnet_jax.train_loop import resolve_data
 
 
 def parse_args(argv=None):
@@ -38,7 +37,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
   parser, args = parse_args(argv)
   try:
-    split = sources.open_split(resolve_data(sources.from_arguments(args)), args.split, training=False)
+    split = sources.open_split(sources.resolve_data(sources.from_arguments(args)), args.split, training=False)
   except DataError as e:
     parser.exit(2, f"error: {e}\n")
   if args.limit is not None:

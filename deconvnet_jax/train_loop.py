@@ -15,31 +15,18 @@ from flax import nnx
 from tqdm import tqdm
 
 from deconvnet_jax import checkpoints, class_weights, configs, metrics, proposals, recipes, training
-from deconvnet_jax.configs import DataConfig, TrainConfig
+from deconvnet_jax.configs import TrainConfig
 from deconvnet_jax.data import examples as ex_lib
-from deconvnet_jax.data import generated, pipeline, sources
+from deconvnet_jax.data import pipeline, sources
 from deconvnet_jax.data import items as items_lib
 from deconvnet_jax.labels import DataError
 from deconvnet_jax.models import build_model, min_input_size, set_variables
 
-DEFAULT_DATA = Path("data/generated")
 PAPER_TRAIN_IMAGES = 10_582  # train_aug (SPEC.md section 2)
 
 
 class TrainError(ValueError):
   """A run cannot start or go on as configured; the message says why and what to change."""
-
-
-def resolve_data(data: DataConfig | None) -> DataConfig:
-  """`data`, or the generated dataset (written on first use) when no dataset was named."""
-  if data is not None and data.root is not None:
-    return data
-  if not (DEFAULT_DATA / "ImageSets").exists():
-    print(f"No --data given: writing the generated dataset to {DEFAULT_DATA} ...")
-    generated.generate(DEFAULT_DATA)
-  print(f"No --data given: using the generated dataset in {DEFAULT_DATA} (5 shape classes; pass "
-        "--data VOCdevkit/VOC2012 --sbd benchmark_RELEASE/dataset for VOC train_aug).")
-  return dataclasses.replace(data or DataConfig(), kind="voc", root=DEFAULT_DATA)
 
 
 def proposal_settings() -> dict:
@@ -95,7 +82,7 @@ def training_batches(cfg: TrainConfig, split, rows: int, start_step: int = 0,
 
 def open_data(cfg: TrainConfig) -> tuple[TrainConfig, object, object]:
   """(cfg with the data resolved and the class count checked, train split, val split), both lazy."""
-  cfg = dataclasses.replace(cfg, data=resolve_data(cfg.data))
+  cfg = dataclasses.replace(cfg, data=sources.resolve_data(cfg.data))
   k = cfg.model.num_classes
   train = sources.open_split(cfg.data, cfg.data.train_split, k, training=True)
   val = sources.open_split(cfg.data, cfg.data.val_split, k, training=False)

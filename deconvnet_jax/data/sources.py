@@ -17,18 +17,20 @@ Nothing here holds more than one image's pixels at a time.
 """
 
 import argparse
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from deconvnet_jax.configs import DataConfig
-from deconvnet_jax.data import coco, voc
+from deconvnet_jax.data import coco, generated, voc
 from deconvnet_jax.labels import VOC_CLASSES, DataError, Example, Instances
 
 TFDS_NAME = "voc_segmentation"  # the builder in data/tfds_voc.py
 TFDS_CONFIGS = ("train_aug", "voc2012")
 TRAIN_AUG = "train_aug"
+DEFAULT_DATA = Path("data/generated")  # written on first use when no dataset is named
 
 
 def _digest(text: str) -> str:
@@ -157,6 +159,18 @@ def prepared_tfds_folder(data_dir, config: str) -> Path:
     raise DataError(f"{data_dir}: holds no prepared {TFDS_NAME}/{config} (no "
                     f"{TFDS_NAME}/{config}/VERSION/dataset_info.json); {prepare}")
   return versions[-1]
+
+
+def resolve_data(data: DataConfig | None) -> DataConfig:
+  """`data`, or the generated dataset (written on first use) when no dataset was named."""
+  if data is not None and data.root is not None:
+    return data
+  if not (DEFAULT_DATA / "ImageSets").exists():
+    print(f"No --data given: writing the generated dataset to {DEFAULT_DATA} ...")
+    generated.generate(DEFAULT_DATA)
+  print(f"No --data given: using the generated dataset in {DEFAULT_DATA} (5 shape classes; pass "
+        "--data VOCdevkit/VOC2012 --sbd benchmark_RELEASE/dataset for VOC train_aug).")
+  return dataclasses.replace(data or DataConfig(), kind="voc", root=DEFAULT_DATA)
 
 
 def open_split(data: DataConfig, split: str, num_classes: int = len(VOC_CLASSES),
