@@ -9,12 +9,13 @@ Variants: whole-image forward, DeconvNet (instance-wise), DeconvNet+CRF, and wit
 --fcn-checkpoint EDeconvNet, EDeconvNet+CRF and FCN-8s alone; with --curve, the
 DeconvNet mIoU for each number of proposals per image (the paper's figure). The
 confusion matrix is the VOC devkit's (255 ignored, mean over classes present).
-Per-image results are cached, so an interrupted run resumes where it stopped.
+Per-image results are cached (per set of settings), so an interrupted run resumes where it stopped.
 Writes results.md / results.json (and curve.png) to --output (default: the checkpoint).
 """
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from deconvnet_jax import aggregate, checkpoints, configs, crf, metrics
+from deconvnet_jax.box_files import BoxFileError, BoxFiles
 from deconvnet_jax.data import sources
 from deconvnet_jax.images import atomic_path, save_atomic
 from deconvnet_jax.inference import InferenceConfig, Segmenter
@@ -42,6 +44,9 @@ def parse_args(argv=None):
   p.add_argument("--limit", type=int, help="only the first N images of the split")
   p.add_argument("--top-k", type=int, default=InferenceConfig().top_k)
   p.add_argument("--curve", type=int, nargs="*", help="also score these proposal counts, e.g. 1 2 5 10 20 50")
+  p.add_argument("--proposals-from", type=Path, metavar="DIR|FILE",
+                 help="proposals from elsewhere: DIR/ID.json|csv|npy per image or one JSON {ID: boxes}; "
+                      "pixel (x0, y0, x1, y1), scores optional (see deconvnet_jax/box_files.py)")
   p.add_argument("--input-size", type=int)
   p.add_argument("--chunk", type=int, default=8, help="images whose CRFs run in parallel at a time")
   p.add_argument("--crf-processes", type=int)
@@ -59,12 +64,15 @@ class Evaluator:
     self.fcn = Segmenter(fcn, dataclasses.replace(config, mode="whole")).net if fcn is not None else None
     self.curve = curve
 
-  def network_part(self, ex: Example) -> tuple[dict, dict]:
-    """(confusion matrices of the variants without CRF, probabilities awaiting the CRF)."""
+  def network_part(self, ex: Example, boxes=None) -> tuple[dict, dict]:
+    """(confusion matrices of the variants without CRF, probabilities awaiting the CRF).
+
+    boxes: the image's proposals from a box file (None: the generator's).
+    """
     k, hw, seconds = self.k, ex.label.shape, Segmenter.new_seconds()
     conf = lambda pred: metrics.confusion_matrix(ex.label, pred, k)
     out = {"whole image": conf(self.whole.segment(ex.image).label)}
-    maps, squares = self.instance.proposal_maps(ex.image, seconds)
+    maps, squares = self.instance.proposal_maps(ex.image, seconds, boxes)
     scores = self.instance.combine(maps, squares, hw, seconds)
     out["DeconvNet"] = conf(scores.argmax(-1))
     for n in self.curve:  # proposals come best first: the top n are a prefix
@@ -97,7 +105,7 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   try:
     return evaluate(args)
-  except (checkpoints.CheckpointError, DataError) as e:
+  except (checkpoints.CheckpointError, DataError, BoxFileError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
 
@@ -111,8 +119,13 @@ def evaluate(args) -> int:
   evaluator = Evaluator(model, fcn, config, sorted(args.curve or []))
   ds, split = open_split(args, train_config, evaluator.k)
   out_dir = args.output or Path(args.checkpoint)
-  cache = out_dir / "cache" / split
+  box_source = BoxFiles(args.proposals_from) if args.proposals_from is not None else None
+  # Results depend on the settings as well as the image: each set of settings has its own cache.
+  settings = {"config": dataclasses.asdict(config), "curve": sorted(args.curve or []),
+              "fcn": str(args.fcn_checkpoint), "proposals_from": str(args.proposals_from)}
+  cache = out_dir / "cache" / split / hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
   cache.mkdir(parents=True, exist_ok=True)
+  user_boxes = lambda ex: None if box_source is None else box_source.boxes(ex.image_id, *ex.label.shape)[0]
   ids = [ds.image_id(i) for i in range(len(ds))]
   todo = [j for j, i in enumerate(ids) if not (cache / f"{i}.npz").exists()]
   if len(todo) < len(ids):
@@ -122,7 +135,7 @@ def evaluate(args) -> int:
             dynamic_ncols=True) as bar:
     for start in range(0, len(todo), args.chunk):
       chunk = [ds[j] for j in todo[start:start + args.chunk]]
-      parts = [evaluator.network_part(ex) for ex in chunk]
+      parts = [evaluator.network_part(ex, user_boxes(ex)) for ex in chunk]
       for name in parts[0][1] if parts else ():
         refined = crf.dense_crf_many([ex.image for ex in chunk], [p[1][name] for p in parts],
                                      processes=args.crf_processes)

@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from deconvnet_jax import checkpoints, configs, crf
+from deconvnet_jax.box_files import BoxFileError, BoxFiles
 from deconvnet_jax.images import IMAGE_SUFFIXES, ImageError, load_rgb, save_atomic, save_npy_atomic
 from deconvnet_jax.inference import InferenceConfig, Segmenter
 from deconvnet_jax.data.voc import read_index_png
@@ -45,6 +46,10 @@ def parse_args(argv=None):
   p.add_argument("--top-k", type=int, default=d.top_k, help="proposals per image")
   p.add_argument("--min-size", type=float, help="drop proposals with a side under this (px); "
                                                 "default 112 px scaled to the image")
+  p.add_argument("--proposals-from", type=Path, metavar="DIR|FILE",
+                 help="use these proposals instead of the generator's: DIR/NAME.json|csv|npy per image "
+                      "(NAME: the image's file name without suffix) or one JSON {NAME: boxes}; pixel "
+                      "(x0, y0, x1, y1), scores optional (see deconvnet_jax/box_files.py)")
   p.add_argument("--input-size", type=int, help="proposal crop side fed to the network "
                                                 "(default: the crop size the checkpoint trained on)")
   p.add_argument("--batch-size", type=int, default=d.batch_size, help="proposals per forward")
@@ -87,6 +92,12 @@ def shrink(image: np.ndarray, max_side: int) -> np.ndarray:
   return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
 
 
+def user_boxes(source: BoxFiles, name: str, image: np.ndarray, small: np.ndarray) -> np.ndarray:
+  """The image's boxes from the user's files, [K, 4] (y0, x0, y1, x1), scaled to the segmented size."""
+  boxes, _ = source.boxes(name, *image.shape[:2])
+  return boxes * (small.shape[0] / image.shape[0])
+
+
 def write_outputs(out: Path, image, label, prob, save_prob: bool, truth_dir: Path | None = None):
   if label.shape != image.shape[:2]:  # segmented at a reduced size
     label = np.asarray(palette_image(label).resize(image.shape[1::-1], Image.Resampling.NEAREST))
@@ -121,6 +132,14 @@ def main(argv=None) -> int:
   config = InferenceConfig(mode=args.mode, top_k=args.top_k, min_size=args.min_size,
                            input_size=input_size, batch_size=args.batch_size,
                            aggregation=args.aggregation, crf=not args.no_crf)
+  try:
+    box_source = BoxFiles(args.proposals_from) if args.proposals_from is not None else None
+  except BoxFileError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if box_source is not None and args.mode != "instance":
+    print("error: --proposals-from needs --mode instance", file=sys.stderr)
+    return 2
   segmenter = Segmenter(model, config, fcn, fold=not args.no_fold)
   inputs = find_inputs(args.input, args.recursive)
   if not inputs:
@@ -156,9 +175,14 @@ def main(argv=None) -> int:
       except ImageError as e:
         failed.append(str(e))
         continue
-      compiled = len(segmenter.net.compiled)
       small = shrink(image, args.max_side)
-      result = segmenter.segment(small, crf=False)
+      try:
+        boxes = user_boxes(box_source, path.stem, image, small) if box_source is not None else None
+      except BoxFileError as e:
+        failed.append(str(e))
+        continue
+      compiled = len(segmenter.net.compiled)
+      result = segmenter.segment(small, crf=False, boxes=boxes)
       for shape in segmenter.net.compiled[compiled:] if args.debug else ():
         tqdm.write(f"debug: compiled the network for input {shape} ({path})", file=sys.stderr)
       for key in ("proposals", "network", "aggregation"):

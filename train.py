@@ -25,6 +25,7 @@ from pathlib import Path
 import jax
 
 from deconvnet_jax import checkpoints, configs, recipes, train_loop, training
+from deconvnet_jax.box_files import BoxFileError
 from deconvnet_jax.configs import DataConfig, TrainConfig
 from deconvnet_jax.data import sources
 from deconvnet_jax.labels import DataError
@@ -43,6 +44,9 @@ def parse_args(argv=None) -> TrainConfig:
                       "instance); 0: random crops of whole images")
   p.add_argument("--proposals-per-image", type=int, help="stage 2: at most this many examples per image")
   p.add_argument("--stage2-iou", type=float, default=d.stage2_iou)
+  p.add_argument("--proposals-from", type=Path, metavar="DIR|FILE",
+                 help="stage 2: proposals from elsewhere (e.g. EdgeBoxes' own), DIR/ID.json|csv|npy per "
+                      "image or one JSON {ID: boxes}, pixel (x0, y0, x1, y1); see deconvnet_jax/box_files.py")
   p.add_argument("--model", default=d.model_name, choices=sorted(configs.MODELS),
                  help="named model configuration")
   p.add_argument("--num-classes", type=int, help="default: 21 (VOC), 81 with --coco --class-map coco")
@@ -105,6 +109,7 @@ def parse_args(argv=None) -> TrainConfig:
   return TrainConfig(
       model=model, model_name=a.model, data=data, stage=a.stage, resize=a.resize,
       proposals_per_image=a.proposals_per_image, stage2_iou=a.stage2_iou, val_limit=a.val_limit,
+      proposals_from=a.proposals_from,
       steps=a.steps, epochs=a.epochs, batch_size=a.batch_size, accumulate=a.accumulate, crop=a.crop,
       optim=optim, eval_every=a.eval_every, recipe=recipe, class_balance=a.class_balance,
       label_smoothing=a.label_smoothing,
@@ -115,7 +120,7 @@ def main(argv=None) -> int:
   try:
     cfg = parse_args(argv)
     record = train_loop.run(cfg)
-  except (checkpoints.CheckpointError, DataError, train_loop.TrainError) as e:
+  except (checkpoints.CheckpointError, DataError, BoxFileError, train_loop.TrainError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"done: step {record.get('step')}; metrics in {cfg.workdir / 'metrics.jsonl'}, "

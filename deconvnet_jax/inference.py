@@ -86,11 +86,18 @@ class Segmenter:
     self.fcn = Network(fcn, fold=fold) if fcn is not None else None
     self.config = config
 
-  def proposal_maps(self, image: np.ndarray, seconds: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Network scores of the top-K proposals, best first: ([K, S, S, C], squares [K, 3])."""
+  def proposal_maps(self, image: np.ndarray, seconds: dict,
+                    boxes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Network scores of the top-K proposals, best first: ([K, S, S, C], squares [K, 3]).
+
+    boxes: [N, 4] (y0, x0, y1, x1), best first, from elsewhere (box_files.py); the
+    top K are used as given. None: the proposal generator's.
+    """
     cfg, norm = self.config, self.net.config.input_norm
     start = time.perf_counter()
-    boxes, _ = proposals.propose(image, top_k=cfg.top_k, min_size=cfg.min_size)
+    if boxes is None:
+      boxes, _ = proposals.propose(image, top_k=cfg.top_k, min_size=cfg.min_size)
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)[:cfg.top_k]
     squares = np.array([context_square(b, cfg.context) for b in boxes], np.float64).reshape(-1, 3)
     s = cfg.input_size
     crops = np.zeros((-(-len(squares) // cfg.batch_size) * cfg.batch_size, s, s, 3), np.float32)
@@ -117,15 +124,18 @@ class Segmenter:
   def new_seconds() -> dict:
     return dict.fromkeys(("proposals", "network", "aggregation", "crf"), 0.0)
 
-  def scores(self, image: np.ndarray) -> tuple[np.ndarray, dict]:
-    """Class scores [H, W, K] before softmax (ensembled with FCN-8s when one is given)."""
+  def scores(self, image: np.ndarray, boxes: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """Class scores [H, W, K] before softmax (ensembled with FCN-8s when one is given).
+
+    boxes: the proposals to use instead of the generator's (see proposal_maps).
+    """
     seconds = self.new_seconds()
     if self.config.mode == "whole":
       start = time.perf_counter()
       out = self.net.whole_image(image)
       seconds["network"] += time.perf_counter() - start
     elif self.config.mode == "instance":
-      out = self.combine(*self.proposal_maps(image, seconds), image.shape[:2], seconds)
+      out = self.combine(*self.proposal_maps(image, seconds, boxes), image.shape[:2], seconds)
     else:
       raise ValueError(f"unknown inference mode {self.config.mode!r}")
     if self.fcn is not None:
@@ -135,12 +145,13 @@ class Segmenter:
       out = aggregate.ensemble(out, fcn_scores)
     return out, seconds
 
-  def segment(self, image: np.ndarray, crf: bool | None = None) -> Result:
+  def segment(self, image: np.ndarray, crf: bool | None = None, boxes: np.ndarray | None = None) -> Result:
     """RGB uint8 [H, W, 3] -> Result(label [H, W], prob [H, W, K], seconds per part).
 
-    crf=False leaves the CRF to the caller (infer.py runs it in parallel processes).
+    crf=False leaves the CRF to the caller (infer.py runs it in parallel processes);
+    boxes: proposals from elsewhere, [N, 4] (y0, x0, y1, x1) best first.
     """
-    out, seconds = self.scores(image)
+    out, seconds = self.scores(image, boxes)
     prob = aggregate.softmax(out)
     if self.config.crf if crf is None else crf:
       start = time.perf_counter()

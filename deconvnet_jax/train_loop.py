@@ -15,6 +15,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from deconvnet_jax import checkpoints, class_weights, configs, metrics, proposals, recipes, training
+from deconvnet_jax.box_files import BoxFiles
 from deconvnet_jax.configs import TrainConfig
 from deconvnet_jax.data import examples as ex_lib
 from deconvnet_jax.data import pipeline, sources
@@ -29,8 +30,11 @@ class TrainError(ValueError):
   """A run cannot start or go on as configured; the message says why and what to change."""
 
 
-def proposal_settings() -> dict:
-  """What the stage-2 proposals depend on: the generator's settings and its code."""
+def proposal_settings(proposals_from: Path | None = None) -> dict:
+  """What the stage-2 proposals depend on: the generator's settings and its code, or the box files."""
+  if proposals_from is not None:
+    path = Path(proposals_from).absolute()
+    return {"from": str(path), "mtime_ns": path.stat().st_mtime_ns if path.exists() else None}
   code = hashlib.sha1(Path(proposals.__file__).read_bytes()).hexdigest()[:16]
   return {"generator": "windows", "top_k": 50, "code": code}
 
@@ -42,9 +46,13 @@ def stage_items(cfg: TrainConfig, split, cache_dir: Path | None) -> items_lib.It
     compute = lambda: items_lib.stage1_items(split)
   else:
     key = items_lib.cache_key(split, stage=2, iou=cfg.stage2_iou, per_image=cfg.proposals_per_image,
-                              proposals=proposal_settings())
-    compute = lambda: items_lib.stage2_items(split, proposals.propose, cfg.stage2_iou,
-                                             cfg.proposals_per_image)
+                              proposals=proposal_settings(cfg.proposals_from))
+    if cfg.proposals_from is None:
+      propose = lambda i: proposals.propose(split[i].image)[0]
+    else:
+      source = BoxFiles(cfg.proposals_from)
+      propose = lambda i: source.boxes(split.image_id(i), *split.size(i))[0]
+    compute = lambda: items_lib.stage2_items(split, propose, cfg.stage2_iou, cfg.proposals_per_image)
   start = time.perf_counter()
   items, path, hit = items_lib.cached(cache_dir, key, compute)
   if not len(items):

@@ -62,7 +62,8 @@ def test_stage2_keeps_exactly_the_proposals_with_iou_at_least_half(examples):
     return boxes, np.arange(40)[::-1]
 
   calls = []
-  items = stage2_items(examples, lambda image: calls.append(propose(image)) or calls[-1], 0.5, threads=1)
+  items = stage2_items(examples, lambda i: (calls.append(propose(examples[i].image)) or calls[-1])[0], 0.5,
+                       threads=1)
   expected = []
   for index, (ex, (boxes, _)) in enumerate(zip(examples, calls)):
     for box in boxes:
@@ -75,7 +76,7 @@ def test_stage2_keeps_exactly_the_proposals_with_iou_at_least_half(examples):
       if best >= 0.5:
         expected.append(Item(index, tuple(float(v) for v in box)))
   assert list(items) == expected and len(items) > 0
-  capped = stage2_items(examples, propose, 0.0, per_image=3)
+  capped = stage2_items(examples, lambda i: propose(examples[i].image)[0], 0.0, per_image=3)
   assert max(np.bincount([it.index for it in capped])) == 3
 
 

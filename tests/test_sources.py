@@ -183,5 +183,25 @@ def test_evaluate_from_tfds_val_defaults_to_the_checkpoints_data(roots, tmp_path
   assert "2 images of voc_segmentation/train_aug val" in capsys.readouterr().out
   results = json.loads((tmp_path / "eval" / "results.json").read_text())
   assert results["images"] == 2 and 0 <= results["variants"]["whole image"]["miou"] <= 1
-  assert sorted(p.stem for p in (tmp_path / "eval" / "cache" / "val").glob("*.npz")) == [
+  assert sorted(p.stem for p in (tmp_path / "eval" / "cache" / "val").glob("*/*.npz")) == [
       "gen_00003", "gen_00004"]
+
+
+def test_stage2_items_from_user_box_files(roots, tmp_path):
+  """Box files holding each image's ground-truth boxes (x0, y0, x1, y1) and a far-off box: stage 2 keeps
+  exactly the ground-truth ones."""
+  voc_root, sbd, _ = roots
+  split = sources.open_split(DataConfig(root=voc_root, sbd=sbd), "train_aug")
+  boxes_dir = tmp_path / "boxes"
+  boxes_dir.mkdir()
+  for i in range(len(split)):
+    gt = split.instances(i).boxes
+    rows = [[x0, y0, x1, y1] for y0, x0, y1, x1 in gt.tolist()] + [[0, 0, 2, 2]]
+    (boxes_dir / f"{split.image_id(i)}.json").write_text(json.dumps(rows))
+  cfg = TrainConfig(stage=2, proposals_from=boxes_dir)
+  items = train_loop.stage_items(cfg, split, tmp_path / "items")
+  want = [(i, tuple(float(v) for v in box)) for i in range(len(split)) for box in split.instances(i).boxes]
+  assert [(it.index, it.box) for it in items] == want and all(it.instance == 0 for it in items)
+  (boxes_dir / f"{split.image_id(0)}.json").write_text("[[0, 0, 1000, 5]]")
+  with pytest.raises(Exception, match=f"{split.image_id(0)}.json: box 0 .* lies outside"):
+    train_loop.stage_items(cfg, split, None)

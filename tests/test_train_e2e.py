@@ -225,3 +225,29 @@ def test_evaluate_with_an_fcn_checkpoint_scores_the_ensemble(data, tmp_path):
   assert set(variants) == {"whole image", "DeconvNet", "DeconvNet+CRF", "FCN-8s", "EDeconvNet",
                            "EDeconvNet+CRF"}
   assert all(0.0 <= v["miou"] <= 1.0 for v in variants.values())
+
+
+def test_infer_and_evaluate_take_proposals_from_box_files(data, tmp_path, capsys):
+  run_train(data, tmp_path / "run", 2)
+  val = read_split(data, "val")
+  boxes = tmp_path / "boxes"
+  boxes.mkdir()
+  for image_id in val:  # each image's ground-truth boxes as (x0, y0, x1, y1, score)
+    rows = [[x0, y0, x1, y1, 1.0] for y0, x0, y1, x1 in read_example(data, image_id).boxes.tolist()]
+    np.save(boxes / f"{image_id}.npy", np.asarray(rows, np.float64).reshape(-1, 5))
+  argv = ["--checkpoint", str(tmp_path / "run"), "--data", str(data), "--top-k", "5", "--crf-processes", "1",
+          "--proposals-from", str(boxes), "--output", str(tmp_path / "eval")]
+  assert evaluate.main(argv) == 0
+  assert json.loads((tmp_path / "eval" / "results.json").read_text())["images"] == len(val)
+  photos = tmp_path / "photos"
+  photos.mkdir()
+  for image_id in val:
+    (photos / f"{image_id}.jpg").write_bytes((data / "JPEGImages" / f"{image_id}.jpg").read_bytes())
+  (boxes / f"{val[0]}.npy").unlink()
+  capsys.readouterr()
+  assert infer.main(["--checkpoint", str(tmp_path / "run"), "--input", str(photos), "--output",
+                     str(tmp_path / "out"), "--no-crf", "--proposals-from", str(boxes)]) == 1
+  assert f"no box file for image '{val[0]}'" in capsys.readouterr().err
+  assert sorted(p.stem for p in (tmp_path / "out").glob("gen_*[0-9].png")) == val[1:]
+  assert evaluate.main(argv[:-2] + ["--output", str(tmp_path / "eval2")]) == 2  # a missing file: named
+  assert f"no box file for image '{val[0]}'" in capsys.readouterr().err

@@ -93,14 +93,14 @@ def stage2_items(split: Sequence, propose: Callable, iou_threshold: float = 0.5,
                  per_image: int | None = None, threads: int = THREADS) -> Items:
   """Proposals whose IoU with some ground-truth instance is >= iou_threshold, best-ranked first.
 
-  propose: image [H, W, 3] uint8 -> (boxes [K, 4], scores [K]), the generator inference uses.
-  per_image: keep at most this many per image (None: all).
+  propose: image index -> its proposals [K, 4] (y0, x0, y1, x1), best first (the generator
+  inference uses, or the user's box files). per_image: keep at most this many per image (None: all).
   """
   def image_items(i):
     gt = _header(split, i).boxes
     if len(gt) == 0:
       return i, np.zeros((0, 4)), np.zeros(0)
-    boxes, _ = propose(split[i].image)
+    boxes = propose(i)
     keep = np.nonzero(box_iou(np.asarray(boxes, np.float64), gt).max(1) >= iou_threshold)[0][:per_image]
     return i, np.asarray(boxes)[keep], np.zeros(len(keep))
 
