@@ -43,6 +43,8 @@ def parse_args(argv=None):
   p.add_argument("--split", help="default: the validation split of the data (val; COCO: val2017)")
   p.add_argument("--limit", type=int, help="only the first N images of the split")
   p.add_argument("--top-k", type=int, default=InferenceConfig().top_k)
+  p.add_argument("--proposals", choices=["windows", "selective_search", "network", "mix"],
+                 default=InferenceConfig().proposals, help="the proposal generator (see infer.py --help)")
   p.add_argument("--curve", type=int, nargs="*", help="also score these proposal counts, e.g. 1 2 5 10 20 50")
   p.add_argument("--proposals-from", type=Path, metavar="DIR|FILE",
                  help="proposals from elsewhere: DIR/ID.json|csv|npy per image or one JSON {ID: boxes}; "
@@ -114,7 +116,7 @@ def evaluate(args) -> int:
   model, meta = checkpoints.load_model(args.checkpoint)
   fcn = checkpoints.load_model(args.fcn_checkpoint)[0] if args.fcn_checkpoint else None
   train_config = configs.train_config(meta)
-  config = InferenceConfig(top_k=max([args.top_k, *(args.curve or [])]),
+  config = InferenceConfig(top_k=max([args.top_k, *(args.curve or [])]), proposals=args.proposals,
                            input_size=args.input_size or train_config.crop, crf=False)
   evaluator = Evaluator(model, fcn, config, sorted(args.curve or []))
   ds, split = open_split(args, train_config, evaluator.k)

@@ -44,6 +44,9 @@ def parse_args(argv=None):
   p.add_argument("--mode", choices=["instance", "whole"], default=d.mode,
                  help="instance: proposals (the paper); whole: one forward over the whole image")
   p.add_argument("--top-k", type=int, default=d.top_k, help="proposals per image")
+  p.add_argument("--proposals", choices=["windows", "selective_search", "network", "mix"], default=d.proposals,
+                 help="windows: sliding windows ranked by objectness; network: boxes of the regions a "
+                      "whole-image forward segments; mix: network boxes first, then windows")
   p.add_argument("--min-size", type=float, help="drop proposals with a side under this (px); "
                                                 "default 112 px scaled to the image")
   p.add_argument("--proposals-from", type=Path, metavar="DIR|FILE",
@@ -129,7 +132,7 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   input_size = args.input_size or configs.train_config(meta).crop
-  config = InferenceConfig(mode=args.mode, top_k=args.top_k, min_size=args.min_size,
+  config = InferenceConfig(mode=args.mode, top_k=args.top_k, min_size=args.min_size, proposals=args.proposals,
                            input_size=input_size, batch_size=args.batch_size,
                            aggregation=args.aggregation, crf=not args.no_crf)
   try:

@@ -28,6 +28,9 @@ class InferenceConfig:
   """How an image is segmented; defaults are the paper's."""
 
   mode: str = "instance"  # "instance" (proposals) or "whole" (one forward over the image)
+  # Proposal generator: "windows" or "selective_search" (content only), "network" (regions a
+  # whole-image forward segments) or "mix" (network boxes first, then windows).
+  proposals: str = "windows"
   top_k: int = 50  # proposals per image
   min_size: float | None = None  # proposals' small-box rule; None: 112 px scaled to the image
   input_size: int = 224  # side of each proposal crop fed to the network
@@ -94,9 +97,9 @@ class Segmenter:
     top K are used as given. None: the proposal generator's.
     """
     cfg, norm = self.config, self.net.config.input_norm
-    start = time.perf_counter()
+    start, network_before = time.perf_counter(), seconds["network"]
     if boxes is None:
-      boxes, _ = proposals.propose(image, top_k=cfg.top_k, min_size=cfg.min_size)
+      boxes = self.propose(image, seconds)
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)[:cfg.top_k]
     squares = np.array([context_square(b, cfg.context) for b in boxes], np.float64).reshape(-1, 3)
     s = cfg.input_size
@@ -104,13 +107,28 @@ class Segmenter:
     for i, square in enumerate(squares):
       crop, valid = square_crop(image, square, s)
       crops[i] = normalize(crop, norm) * valid[..., None]
-    seconds["proposals"] += time.perf_counter() - start
+    seconds["proposals"] += time.perf_counter() - start - (seconds["network"] - network_before)
 
     start = time.perf_counter()
     scores = np.concatenate([self.net(crops[i:i + cfg.batch_size])
                              for i in range(0, len(crops), cfg.batch_size)])[:len(squares)]
     seconds["network"] += time.perf_counter() - start
     return scores, squares
+
+  def propose(self, image: np.ndarray, seconds: dict) -> np.ndarray:
+    """The configured generator's top-K boxes [K, 4] (y0, x0, y1, x1), best first."""
+    cfg = self.config
+    if cfg.proposals in ("windows", "selective_search"):
+      return proposals.propose(image, cfg.top_k, cfg.min_size, generator=cfg.proposals)[0]
+    if cfg.proposals not in ("network", "mix"):
+      raise ValueError(f"unknown proposals {cfg.proposals!r}: windows, selective_search, network or mix")
+    start = time.perf_counter()
+    prob = aggregate.softmax(self.net.whole_image(image))  # [H, W, K]
+    seconds["network"] += time.perf_counter() - start
+    network = proposals.network_boxes(prob)
+    if cfg.proposals == "network":
+      return network[0][:cfg.top_k]
+    return proposals.mix(network, proposals.propose(image, cfg.top_k, cfg.min_size), cfg.top_k)[0]
 
   def combine(self, scores: np.ndarray, squares: np.ndarray, image_hw, seconds: dict) -> np.ndarray:
     """Reliable proposals' scores pasted into one [H, W, C] map."""

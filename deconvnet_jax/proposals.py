@@ -259,3 +259,62 @@ def recall(proposals_per_image, gt_boxes_per_image, iou: float = 0.5) -> float:
     if overlaps.size:
       found += int(np.sum(overlaps.max(axis=1) >= iou))
   return found / total if total else float("nan")
+
+
+# Network-guided proposals: probability thresholds for the class regions, and the context
+# scales their tight boxes are enlarged by (1.0 keeps the tight box).
+NETWORK_THRESHOLDS = (0.3, 0.5, 0.7)
+NETWORK_SCALES = (1.0, 1.25, 1.6)
+
+
+def network_boxes(prob: np.ndarray, thresholds=NETWORK_THRESHOLDS, scales=NETWORK_SCALES,
+                  min_pixels: int = 16) -> tuple[np.ndarray, np.ndarray]:
+  """Boxes around what a whole-image forward segments: (boxes [N, 4] float64, scores [N]), best first.
+
+  prob: [H, W, K] class probabilities, class 0 background. For each foreground
+  class and threshold, each connected region of prob >= threshold (8-connected,
+  at least `min_pixels`) gives its tight box, enlarged about its centre by each
+  scale and clipped to the image. Score: the region's mean probability, times
+  0.9 per step away from the tight box, so the tight box of a confident region
+  ranks first. Duplicates (the same box from several thresholds) are merged by
+  NMS at IoU 0.95.
+  """
+  import scipy.ndimage  # only this generator needs it
+
+  height, width, num_classes = prob.shape
+  boxes, scores = [], []
+  for c in range(1, num_classes):
+    for t in thresholds:
+      regions, n = scipy.ndimage.label(prob[..., c] >= t, structure=np.ones((3, 3)))
+      if n == 0:
+        continue
+      index = np.arange(1, n + 1)
+      sizes = scipy.ndimage.sum_labels(np.ones_like(regions), regions, index)
+      means = scipy.ndimage.mean(prob[..., c], regions, index)
+      for k, found in enumerate(scipy.ndimage.find_objects(regions)):
+        if sizes[k] < min_pixels:
+          continue
+        y0, y1, x0, x1 = found[0].start, found[0].stop, found[1].start, found[1].stop
+        for step, scale in enumerate(scales):
+          cy, cx, hh, hw = (y0 + y1) / 2, (x0 + x1) / 2, scale * (y1 - y0) / 2, scale * (x1 - x0) / 2
+          boxes.append((max(cy - hh, 0), max(cx - hw, 0), min(cy + hh, height), min(cx + hw, width)))
+          scores.append(means[k] * 0.9**step)
+  if not boxes:
+    return np.zeros((0, 4)), np.zeros(0)
+  boxes, scores = np.asarray(boxes, np.float64), np.asarray(scores, np.float64)
+  keep = nms(boxes, scores, 0.95)
+  return boxes[keep], scores[keep]
+
+
+def mix(network: tuple[np.ndarray, np.ndarray], content: tuple[np.ndarray, np.ndarray],
+        top_k: int, iou_threshold: float = 0.7) -> tuple[np.ndarray, np.ndarray]:
+  """Network-guided boxes first (best first), then content-aware ones, NMS over both: the top K.
+
+  Each list keeps its own order; a content box is dropped where a network box covers it.
+  """
+  (nb, ns), (cb, cs) = network, content
+  boxes = np.concatenate([np.asarray(nb, np.float64).reshape(-1, 4), np.asarray(cb, np.float64).reshape(-1, 4)])
+  # Rank: every network box above every content box, each list in its own order.
+  rank = -np.arange(len(boxes), dtype=np.float64)
+  keep = nms(boxes, rank, iou_threshold, top_k)
+  return boxes[keep], np.concatenate([np.asarray(ns, np.float64), np.asarray(cs, np.float64)])[keep]

@@ -187,3 +187,55 @@ def test_recall_tool_prints_recall_table(generated, capsys):
   assert "4 images" in out and "s per image" in out
   assert [line.split(":")[0] for line in out.splitlines()[1:]] == [
       f"recall@{k} (IoU >= 0.5)" for k in (1, 2, 5)]
+
+
+def blob_probabilities(height=60, width=80):
+  """[H, W, 6] probabilities: a confident class-3 rectangle, a weaker class-5 disc, background elsewhere."""
+  prob = np.zeros((height, width, 6))
+  prob[..., 0] = 1.0
+  y, x = np.mgrid[:height, :width]
+  rect = (y >= 10) & (y < 30) & (x >= 5) & (x < 25)
+  disc = (y - 40) ** 2 + (x - 60) ** 2 <= 10 ** 2
+  prob[rect] = [0.05, 0, 0, 0.95, 0, 0]
+  prob[disc] = [0.4, 0, 0, 0, 0, 0.6]
+  return prob, (10, 5, 30, 25), (30, 50, 51, 71)
+
+
+def test_network_boxes_recover_the_segmented_regions():
+  prob, rect, disc = blob_probabilities()
+  boxes, scores = proposals.network_boxes(prob)
+  assert np.all(np.diff(scores) <= 0)  # best first
+  assert np.all((boxes[:, :2] >= 0) & (boxes[:, 2:] <= [60, 80]) & (boxes[:, 2:] > boxes[:, :2]))
+  np.testing.assert_allclose(boxes[0], rect)  # the confident region's tight box ranks first
+  assert np.isclose(scores[0], 0.95)
+  ious = proposals.box_iou([rect, disc], boxes)
+  assert ious.max(1).tolist() == [1.0, 1.0]  # both regions' tight boxes are there
+  # Context versions: centred on the region, 1.25x its sides (clipped at the border).
+  np.testing.assert_allclose(boxes[1], (7.5, 2.5, 32.5, 27.5))
+  assert proposals.network_boxes(np.stack([np.ones((8, 8)), np.zeros((8, 8))], -1))[0].shape == (0, 4)
+
+
+def test_mix_puts_network_boxes_first_and_drops_content_boxes_they_cover():
+  network = (np.asarray([[0, 0, 10, 10], [20, 20, 40, 40]], float), np.asarray([0.9, 0.8]))
+  content = (np.asarray([[0, 0, 10, 11], [50, 50, 60, 60], [5, 5, 30, 30]], float), np.asarray([5.0, 4.0, 3.0]))
+  boxes, scores = proposals.mix(network, content, top_k=4)
+  np.testing.assert_array_equal(boxes, [[0, 0, 10, 10], [20, 20, 40, 40], [50, 50, 60, 60], [5, 5, 30, 30]])
+  np.testing.assert_array_equal(scores, [0.9, 0.8, 4.0, 3.0])
+  assert len(proposals.mix(network, content, top_k=1)[0]) == 1
+
+
+def test_segmenter_network_proposals_follow_its_whole_image_forward(monkeypatch):
+  from deconvnet_jax.configs import model_config
+  from deconvnet_jax.data.examples import context_square
+  from deconvnet_jax.inference import InferenceConfig, Segmenter
+  from deconvnet_jax.models import build_model
+
+  prob, rect, _ = blob_probabilities()
+  image = np.zeros((60, 80, 3), np.uint8)
+  for mode, count in (("network", 6), ("mix", 8)):  # 2 regions x 3 scales; mix fills up with windows
+    segmenter = Segmenter(build_model(model_config("small", num_classes=6)),
+                          InferenceConfig(proposals=mode, top_k=8, input_size=64, crf=False))
+    monkeypatch.setattr(segmenter.net, "whole_image", lambda _: np.log(prob + 1e-9))
+    _, squares = segmenter.proposal_maps(image, Segmenter.new_seconds())
+    assert len(squares) == count
+    np.testing.assert_allclose(squares[0], context_square(rect, 1.2))
