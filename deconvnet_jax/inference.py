@@ -110,8 +110,10 @@ class Segmenter:
     seconds["proposals"] += time.perf_counter() - start - (seconds["network"] - network_before)
 
     start = time.perf_counter()
-    scores = np.concatenate([self.net(crops[i:i + cfg.batch_size])
-                             for i in range(0, len(crops), cfg.batch_size)])[:len(squares)]
+    scores = np.zeros((0, s, s, self.net.config.num_classes), np.float32)  # no proposals: nothing to add
+    if len(squares):
+      scores = np.concatenate([self.net(crops[i:i + cfg.batch_size])
+                               for i in range(0, len(crops), cfg.batch_size)])[:len(squares)]
     seconds["network"] += time.perf_counter() - start
     return scores, squares
 

@@ -239,3 +239,10 @@ def test_segmenter_network_proposals_follow_its_whole_image_forward(monkeypatch)
     _, squares = segmenter.proposal_maps(image, Segmenter.new_seconds())
     assert len(squares) == count
     np.testing.assert_allclose(squares[0], context_square(rect, 1.2))
+  # A forward that segments nothing gives no network proposals: an all-background map, no error.
+  monkeypatch.setattr(segmenter.net, "whole_image", lambda _: np.log(blob_probabilities()[0] * 0 + 1e-9) * [
+      -1, 1, 1, 1, 1, 1])
+  segmenter.config = InferenceConfig(proposals="network", top_k=8, input_size=64, crf=False)
+  maps, squares = segmenter.proposal_maps(image, Segmenter.new_seconds())
+  assert maps.shape == (0, 64, 64, 6) and squares.shape == (0, 3)
+  assert np.all(segmenter.segment(image).label == 0)
