@@ -15,7 +15,6 @@ Writes results.md / results.json (and curve.png) to --output (default: the check
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from deconvnet_jax import aggregate, checkpoints, configs, crf, metrics
 from deconvnet_jax.box_files import BoxFileError, BoxFiles
 from deconvnet_jax.data import sources
 from deconvnet_jax.images import atomic_path, save_atomic
-from deconvnet_jax.inference import InferenceConfig, Segmenter
+from deconvnet_jax.inference import PROPOSALS, InferenceConfig, Segmenter
 from deconvnet_jax.labels import DataError, Example
 from deconvnet_jax.plots import line_plot
 
@@ -43,7 +42,7 @@ def parse_args(argv=None):
   p.add_argument("--split", help="default: the validation split of the data (val; COCO: val2017)")
   p.add_argument("--limit", type=int, help="only the first N images of the split")
   p.add_argument("--top-k", type=int, default=InferenceConfig().top_k)
-  p.add_argument("--proposals", choices=["windows", "selective_search", "network", "mix"],
+  p.add_argument("--proposals", choices=PROPOSALS,
                  default=InferenceConfig().proposals, help="the proposal generator (see infer.py --help)")
   p.add_argument("--curve", type=int, nargs="*", help="also score these proposal counts, e.g. 1 2 5 10 20 50")
   p.add_argument("--proposals-from", type=Path, metavar="DIR|FILE",
@@ -125,7 +124,7 @@ def evaluate(args) -> int:
   # Results depend on the settings as well as the image: each set of settings has its own cache.
   settings = {"config": dataclasses.asdict(config), "curve": sorted(args.curve or []),
               "fcn": str(args.fcn_checkpoint), "proposals_from": str(args.proposals_from)}
-  cache = out_dir / "cache" / split / hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+  cache = out_dir / "cache" / split / configs.json_digest(settings)
   cache.mkdir(parents=True, exist_ok=True)
   user_boxes = lambda ex: None if box_source is None else box_source.boxes(ex.image_id, *ex.label.shape)[0]
   ids = [ds.image_id(i) for i in range(len(ds))]

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from deconvnet_jax import checkpoints, configs, crf
 from deconvnet_jax.box_files import BoxFileError, BoxFiles
 from deconvnet_jax.images import IMAGE_SUFFIXES, ImageError, load_rgb, save_atomic, save_npy_atomic
-from deconvnet_jax.inference import InferenceConfig, Segmenter
+from deconvnet_jax.inference import PROPOSALS, InferenceConfig, Segmenter
 from deconvnet_jax.data.voc import read_index_png
 from deconvnet_jax.viz import error_map, gallery_html, overlay, palette_image
 
@@ -44,7 +44,7 @@ def parse_args(argv=None):
   p.add_argument("--mode", choices=["instance", "whole"], default=d.mode,
                  help="instance: proposals (the paper); whole: one forward over the whole image")
   p.add_argument("--top-k", type=int, default=d.top_k, help="proposals per image")
-  p.add_argument("--proposals", choices=["windows", "selective_search", "network", "mix"], default=d.proposals,
+  p.add_argument("--proposals", choices=PROPOSALS, default=d.proposals,
                  help="windows: sliding windows ranked by objectness; network: boxes of the regions a "
                       "whole-image forward segments; mix: network boxes first, then windows")
   p.add_argument("--min-size", type=float, help="drop proposals with a side under this (px); "

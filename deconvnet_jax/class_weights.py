@@ -5,13 +5,13 @@ weight_c = median over present classes of freq / freq_c. A class absent from
 the split gets weight 1 (it never reaches the loss).
 """
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
+from deconvnet_jax.configs import json_digest
 from deconvnet_jax.labels import VOID
 from deconvnet_jax.images import atomic_path
 
@@ -39,7 +39,7 @@ def median_frequency_weights(pixels: np.ndarray, image_pixels: np.ndarray) -> np
 
 def cached_weights(path: Path, key: dict, labels: Iterable[np.ndarray], num_classes: int) -> np.ndarray:
   """Median-frequency weights, read from `path` when it holds them for the same `key`, else computed and saved."""
-  digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+  digest = json_digest(key)
   if path.is_file():
     saved = json.loads(path.read_text())
     if saved.get("key") == digest and len(saved.get("weights", ())) == num_classes:

@@ -1,6 +1,7 @@
 """Configurations as frozen dataclasses: the model (named: paper, small, ...), optimizer, data and run."""
 
 import dataclasses
+import hashlib
 import json
 import types
 import typing
@@ -135,6 +136,11 @@ class TrainConfig:
 def to_json(config) -> dict:
   """A config dataclass as JSON-ready nested dicts (paths as strings, tuples as lists)."""
   return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def json_digest(value) -> str:
+  """16 hex digits naming a JSON-able value (keys sorted, paths as strings): what caches are keyed by."""
+  return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def from_json(cls, data: dict):

@@ -23,14 +23,17 @@ from deconvnet_jax.models import min_input_size
 from deconvnet_jax.normalization import normalize
 
 
+# Proposal generators: "windows" or "selective_search" (content only), "network" (the regions a
+# whole-image forward segments) or "mix" (network boxes first, then windows).
+PROPOSALS = ("windows", "selective_search", "network", "mix")
+
+
 @dataclasses.dataclass(frozen=True)
 class InferenceConfig:
   """How an image is segmented; defaults are the paper's."""
 
   mode: str = "instance"  # "instance" (proposals) or "whole" (one forward over the image)
-  # Proposal generator: "windows" or "selective_search" (content only), "network" (regions a
-  # whole-image forward segments) or "mix" (network boxes first, then windows).
-  proposals: str = "windows"
+  proposals: str = "windows"  # one of PROPOSALS
   top_k: int = 50  # proposals per image
   min_size: float | None = None  # proposals' small-box rule; None: 112 px scaled to the image
   input_size: int = 224  # side of each proposal crop fed to the network
@@ -122,8 +125,8 @@ class Segmenter:
     cfg = self.config
     if cfg.proposals in ("windows", "selective_search"):
       return proposals.propose(image, cfg.top_k, cfg.min_size, generator=cfg.proposals)[0]
-    if cfg.proposals not in ("network", "mix"):
-      raise ValueError(f"unknown proposals {cfg.proposals!r}: windows, selective_search, network or mix")
+    if cfg.proposals not in PROPOSALS:
+      raise ValueError(f"unknown proposals {cfg.proposals!r}: one of {', '.join(PROPOSALS)}")
     start = time.perf_counter()
     prob = aggregate.softmax(self.net.whole_image(image))  # [H, W, K]
     seconds["network"] += time.perf_counter() - start

@@ -9,7 +9,6 @@ data and the settings, so a resumed run or a second stage reads them back.
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 import zipfile
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from deconvnet_jax.configs import json_digest
 from deconvnet_jax.images import atomic_path
 from deconvnet_jax.proposals import box_iou
 
@@ -119,7 +119,7 @@ def cached(directory: Path | None, key: dict, compute: Callable[[], Items]) -> t
   if directory is None:
     return compute(), None, False
   text = json.dumps(key, sort_keys=True, default=str)
-  path = Path(directory) / f"items-{hashlib.sha1(text.encode()).hexdigest()[:16]}.npz"
+  path = Path(directory) / f"items-{json_digest(key)}.npz"
   if path.is_file():
     try:
       with np.load(path) as f:

@@ -18,12 +18,11 @@ Nothing here holds more than one image's pixels at a time.
 
 import argparse
 import dataclasses
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from deconvnet_jax.configs import DataConfig
+from deconvnet_jax.configs import DataConfig, json_digest
 from deconvnet_jax.data import coco, generated, voc
 from deconvnet_jax.labels import VOC_CLASSES, DataError, Example, Instances
 
@@ -31,10 +30,6 @@ TFDS_NAME = "voc_segmentation"  # the builder in data/tfds_voc.py
 TFDS_CONFIGS = ("train_aug", "voc2012")
 TRAIN_AUG = "train_aug"
 DEFAULT_DATA = Path("data/generated")  # written on first use when no dataset is named
-
-
-def _digest(text: str) -> str:
-  return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 class FolderSplit(Sequence):
@@ -67,7 +62,7 @@ class FolderSplit(Sequence):
   def fingerprint(self) -> dict:
     return {"kind": "folders", "name": self.name, "images": len(self),
             "roots": {s: str(Path(r).absolute()) for s, r in sorted(self.roots.items())},
-            "items": _digest("\n".join(f"{s} {i}" for s, i in self.items))}
+            "items": json_digest(self.items)}
 
 
 class TfdsSplit(Sequence):
@@ -76,6 +71,8 @@ class TfdsSplit(Sequence):
   def __init__(self, data_dir: Path, config: str, split: str, num_classes: int = len(VOC_CLASSES)):
     import tensorflow_datasets as tfds  # only for this kind; it needs no TensorFlow
 
+    from deconvnet_jax.data.tfds_voc import example_from_record
+
     self.folder = prepared_tfds_folder(data_dir, config)
     self.name = f"{TFDS_NAME}/{config} {split}"
     self.class_names = VOC_CLASSES[:num_classes]
@@ -83,21 +80,20 @@ class TfdsSplit(Sequence):
     splits = [s["name"] for s in info.get("splits", [])]
     if split not in splits:
       raise DataError(f"{self.folder}: no split {split!r} (splits here: {', '.join(splits)})")
-    self._info_digest = _digest(json.dumps(info, sort_keys=True))
+    self._info_digest = json_digest(info)
     name = f"{TFDS_NAME}/{config}:{self.folder.name}"
     read = lambda **kw: tfds.data_source(name, split=split, data_dir=str(Path(data_dir)),
                                          download=False, **kw)
     self._records = read()
     skip = tfds.decode.SkipDecoding()
     self._headers = read(decoders={"image": skip, "label": skip})  # instances decoded: a small PNG
+    self._example = example_from_record
 
   def __len__(self) -> int:
     return len(self._records)
 
   def __getitem__(self, i: int) -> Example:
-    from deconvnet_jax.data.tfds_voc import example_from_record
-
-    return example_from_record(self._records[i])
+    return self._example(self._records[i])
 
   def instances(self, i: int) -> Instances:
     record = self._headers[i]
