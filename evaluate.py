@@ -26,7 +26,7 @@ from deconvnet_jax import aggregate, checkpoints, configs, crf, metrics
 from deconvnet_jax.box_files import BoxFileError, BoxFiles
 from deconvnet_jax.data import sources
 from deconvnet_jax.images import atomic_path, save_atomic
-from deconvnet_jax.inference import PROPOSALS, InferenceConfig, Segmenter
+from deconvnet_jax.inference import PROPOSALS, PROPOSALS_HELP, InferenceConfig, Segmenter
 from deconvnet_jax.labels import DataError, Example
 from deconvnet_jax.plots import line_plot
 
@@ -43,7 +43,7 @@ def parse_args(argv=None):
   p.add_argument("--limit", type=int, help="only the first N images of the split")
   p.add_argument("--top-k", type=int, default=InferenceConfig().top_k)
   p.add_argument("--proposals", choices=PROPOSALS,
-                 default=InferenceConfig().proposals, help="the proposal generator (see infer.py --help)")
+                 default=InferenceConfig().proposals, help=PROPOSALS_HELP)
   p.add_argument("--curve", type=int, nargs="*", help="also score these proposal counts, e.g. 1 2 5 10 20 50")
   p.add_argument("--proposals-from", type=Path, metavar="DIR|FILE",
                  help="proposals from elsewhere: DIR/ID.json|csv|npy per image or one JSON {ID: boxes}; "

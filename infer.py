@@ -28,7 +28,7 @@ from tqdm import tqdm
 from deconvnet_jax import checkpoints, configs, crf
 from deconvnet_jax.box_files import BoxFileError, BoxFiles
 from deconvnet_jax.images import IMAGE_SUFFIXES, ImageError, load_rgb, save_atomic, save_npy_atomic
-from deconvnet_jax.inference import PROPOSALS, InferenceConfig, Segmenter
+from deconvnet_jax.inference import PROPOSALS, PROPOSALS_HELP, InferenceConfig, Segmenter
 from deconvnet_jax.data.voc import read_index_png
 from deconvnet_jax.viz import error_map, gallery_html, overlay, palette_image
 
@@ -45,8 +45,7 @@ def parse_args(argv=None):
                  help="instance: proposals (the paper); whole: one forward over the whole image")
   p.add_argument("--top-k", type=int, default=d.top_k, help="proposals per image")
   p.add_argument("--proposals", choices=PROPOSALS, default=d.proposals,
-                 help="windows: sliding windows ranked by objectness; network: boxes of the regions a "
-                      "whole-image forward segments; mix: network boxes first, then windows")
+                 help=PROPOSALS_HELP)
   p.add_argument("--min-size", type=float, help="drop proposals with a side under this (px); "
                                                 "default 112 px scaled to the image")
   p.add_argument("--proposals-from", type=Path, metavar="DIR|FILE",

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import jax
 
-from deconvnet_jax import checkpoints, configs, recipes, train_loop, training
+from deconvnet_jax import checkpoints, configs, proposals, recipes, train_loop, training
 from deconvnet_jax.box_files import BoxFileError
 from deconvnet_jax.configs import DataConfig, TrainConfig
 from deconvnet_jax.data import sources
@@ -44,6 +44,8 @@ def parse_args(argv=None) -> TrainConfig:
                       "instance); 0: random crops of whole images")
   p.add_argument("--proposals-per-image", type=int, help="stage 2: at most this many examples per image")
   p.add_argument("--stage2-iou", type=float, default=d.stage2_iou)
+  p.add_argument("--proposals", choices=proposals.GENERATORS, default=d.proposals,
+                 help="stage 2: the proposal generator (content only; see infer.py --help)")
   p.add_argument("--proposals-from", type=Path, metavar="DIR|FILE",
                  help="stage 2: proposals from elsewhere (e.g. EdgeBoxes' own), DIR/ID.json|csv|npy per "
                       "image or one JSON {ID: boxes}, pixel (x0, y0, x1, y1); see deconvnet_jax/box_files.py")
@@ -109,7 +111,7 @@ def parse_args(argv=None) -> TrainConfig:
   return TrainConfig(
       model=model, model_name=a.model, data=data, stage=a.stage, resize=a.resize,
       proposals_per_image=a.proposals_per_image, stage2_iou=a.stage2_iou, val_limit=a.val_limit,
-      proposals_from=a.proposals_from,
+      proposals=a.proposals, proposals_from=a.proposals_from,
       steps=a.steps, epochs=a.epochs, batch_size=a.batch_size, accumulate=a.accumulate, crop=a.crop,
       optim=optim, eval_every=a.eval_every, recipe=recipe, class_balance=a.class_balance,
       label_smoothing=a.label_smoothing,

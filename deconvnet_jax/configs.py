@@ -108,6 +108,7 @@ class TrainConfig:
   val_limit: int | None = None  # evaluate on the first N val images only (COCO val has 5000)
   stage: int = 1  # 1: instance-centred crops, 2: proposal crops, 0: random crops of whole images
   proposals_per_image: int | None = None  # stage 2: keep at most this many per image
+  proposals: str = "windows"  # stage 2: the content-only generator (proposals.GENERATORS)
   proposals_from: Path | None = None  # stage 2: the user's box files (box_files.py) instead of the generator
   stage2_iou: float = 0.5
   steps: int = 300

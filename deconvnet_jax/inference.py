@@ -23,9 +23,13 @@ from deconvnet_jax.models import min_input_size
 from deconvnet_jax.normalization import normalize
 
 
-# Proposal generators: "windows" or "selective_search" (content only), "network" (the regions a
+# Proposal generators: the content-only ones of proposals.GENERATORS, "network" (the regions a
 # whole-image forward segments) or "mix" (network boxes first, then windows).
-PROPOSALS = ("windows", "selective_search", "network", "mix")
+PROPOSALS = (*proposals.GENERATORS, "network", "mix")
+PROPOSALS_HELP = ("windows (default): sliding windows ranked by objectness; edge_boxes: EdgeBoxes on "
+                  "gradient edges (best on real photos with --min-size 0, slower); selective_search: "
+                  "OpenCV's (optional); network: boxes of the regions a whole-image forward segments; "
+                  "mix: network boxes first, then windows")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +127,7 @@ class Segmenter:
   def propose(self, image: np.ndarray, seconds: dict) -> np.ndarray:
     """The configured generator's top-K boxes [K, 4] (y0, x0, y1, x1), best first."""
     cfg = self.config
-    if cfg.proposals in ("windows", "selective_search"):
+    if cfg.proposals in proposals.GENERATORS:
       return proposals.propose(image, cfg.top_k, cfg.min_size, generator=cfg.proposals)[0]
     if cfg.proposals not in PROPOSALS:
       raise ValueError(f"unknown proposals {cfg.proposals!r}: one of {', '.join(PROPOSALS)}")

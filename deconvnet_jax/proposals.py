@@ -11,6 +11,12 @@ from math import ceil
 
 import numpy as np
 
+from deconvnet_jax import edge_boxes
+from deconvnet_jax.boxes import box_iou, box_sums, integral_image, nms
+
+# Content-only generators (no network), and the NMS threshold each measured best with.
+GENERATORS = ("windows", "edge_boxes", "selective_search")
+NMS_THRESHOLD = {"windows": 0.7, "edge_boxes": 0.6, "selective_search": 0.7}
 # Window sides as fractions of the shorter image side; aspect ratios are height / width.
 SCALES = (0.15, 0.2, 0.27, 0.35, 0.45, 0.57, 0.72, 0.87, 1.0)
 ASPECT_RATIOS = (0.5, 0.7, 1.0, 1.4, 2.0)
@@ -25,48 +31,6 @@ CROSSING_WEIGHT = 1.5
 STRIP_FRACTION = 0.05
 COLOUR_BINS = 4
 RING_FRACTION = 0.25
-
-
-def box_area(boxes) -> np.ndarray:
-  """[N] area of [N, 4] boxes; inverted boxes count as empty."""
-  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-  return np.maximum(boxes[:, 2] - boxes[:, 0], 0) * np.maximum(boxes[:, 3] - boxes[:, 1], 0)
-
-
-def box_iou(a, b) -> np.ndarray:
-  """[N, M] float64 intersection over union; 0 wherever the union is empty."""
-  a = np.asarray(a, np.float64).reshape(-1, 4)
-  b = np.asarray(b, np.float64).reshape(-1, 4)
-  lo = np.maximum(a[:, None, :2], b[None, :, :2])  # [N, M, 2]
-  hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
-  inter = np.prod(np.maximum(hi - lo, 0), axis=-1)  # [N, M]
-  union = box_area(a)[:, None] + box_area(b)[None, :] - inter
-  return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-
-
-def nms(boxes, scores, iou_threshold: float, top_k: int | None = None) -> np.ndarray:
-  """Greedy NMS: int64 indices of the kept boxes, best score first (ties: lower index first).
-
-  A box is dropped when its IoU with an already kept box exceeds `iou_threshold`.
-  """
-  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-  scores = np.asarray(scores, np.float64).reshape(-1)
-  assert len(boxes) == len(scores), (boxes.shape, scores.shape)
-  order = np.argsort(-scores, kind="stable")  # stable: equal scores keep index order
-  y0, x0, y1, x1 = boxes[order].T.copy()  # [N] each, best first
-  area = np.maximum(y1 - y0, 0) * np.maximum(x1 - x0, 0)
-  rest = np.arange(len(order))  # positions in `order` not yet kept or suppressed
-  keep = []
-  while rest.size and (top_k is None or len(keep) < top_k):
-    best, rest = rest[0], rest[1:]
-    keep.append(best)
-    inter = (np.maximum(np.minimum(y1[rest], y1[best]) - np.maximum(y0[rest], y0[best]), 0)
-             * np.maximum(np.minimum(x1[rest], x1[best]) - np.maximum(x0[rest], x0[best]), 0))
-    union = area[rest] + area[best] - inter
-    # Same IoU as box_iou: an empty union (two empty boxes) gives 0.
-    iou = inter / np.maximum(union, np.finfo(np.float64).tiny)
-    rest = rest[iou <= iou_threshold]
-  return order[np.asarray(keep, np.int64)]
 
 
 def default_min_size(height: int, width: int) -> float:
@@ -106,27 +70,6 @@ def _offsets(span: int, stride: float) -> np.ndarray:
   return np.unique(np.round(np.linspace(0, span, n)).astype(np.int64))
 
 
-def _integral(x: np.ndarray) -> np.ndarray:
-  """[H + 1, W + 1, ...] summed-area table of [H, W, ...] x, a zero row and column in front."""
-  out = np.zeros((x.shape[0] + 1, x.shape[1] + 1, *x.shape[2:]), x.dtype)
-  out[1:, 1:] = x
-  # Row by row, each add vectorised over the rest: several times faster than np.cumsum
-  # over a leading axis of a [H, W, C] array.
-  for i in range(2, out.shape[0]):
-    out[i] += out[i - 1]
-  for j in range(2, out.shape[1]):
-    out[:, j] += out[:, j - 1]
-  return out
-
-
-def _box_sums(table: np.ndarray, y0, x0, y1, x1) -> np.ndarray:
-  """[N, ...] sums of the table's image over boxes, each clipped to the image first."""
-  h, w = table.shape[0] - 1, table.shape[1] - 1
-  y0, y1 = np.clip(y0, 0, h), np.clip(y1, 0, h)
-  x0, x1 = np.clip(x0, 0, w), np.clip(x1, 0, w)
-  return table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
-
-
 def _smooth(x: np.ndarray, passes: int = 2) -> np.ndarray:
   """[1, 2, 1] / 4 blur along both axes of [H, W, C] x, `passes` times, borders replicated."""
   for _ in range(passes):
@@ -149,11 +92,11 @@ def edge_maps(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _edge_score(image: np.ndarray, y0, x0, y1, x1) -> np.ndarray:
   """EdgeBoxes-like: edges in the box, less its centre and edges crossing its border, / perimeter^kappa."""
   gx, gy = edge_maps(image)
-  sx, sy = _integral(gx), _integral(gy)
+  sx, sy = integral_image(gx), integral_image(gy)
   h, w = y1 - y0, x1 - x0
 
   def mass(*box):
-    return _box_sums(sx, *box) + _box_sums(sy, *box)
+    return box_sums(sx, *box) + box_sums(sy, *box)
 
   inside = mass(y0, x0, y1, x1)
   # Object contours lie near the box's border, texture fills its centre.
@@ -161,8 +104,8 @@ def _edge_score(image: np.ndarray, y0, x0, y1, x1) -> np.ndarray:
   # An edge crossing a vertical side varies along y (|d/dy|), one crossing a horizontal side along x.
   ty = np.maximum(np.round(STRIP_FRACTION * h).astype(np.int64), 2)
   tx = np.maximum(np.round(STRIP_FRACTION * w).astype(np.int64), 2)
-  crossing = (_box_sums(sy, y0, x0 - tx, y1, x0 + tx) + _box_sums(sy, y0, x1 - tx, y1, x1 + tx)
-              + _box_sums(sx, y0 - ty, x0, y0 + ty, x1) + _box_sums(sx, y1 - ty, x0, y1 + ty, x1))
+  crossing = (box_sums(sy, y0, x0 - tx, y1, x0 + tx) + box_sums(sy, y0, x1 - tx, y1, x1 + tx)
+              + box_sums(sx, y0 - ty, x0, y0 + ty, x1) + box_sums(sx, y1 - ty, x0, y1 + ty, x1))
   perimeter = np.maximum(2.0 * (h + w), 1)
   return (inside - centre - CROSSING_WEIGHT * crossing) / perimeter**EDGE_KAPPA
 
@@ -172,11 +115,11 @@ def _colour_contrast(image: np.ndarray, y0, x0, y1, x1) -> np.ndarray:
   q = np.asarray(image, np.int64) * COLOUR_BINS // 256  # [H, W, 3]
   code = (q[..., 0] * COLOUR_BINS + q[..., 1]) * COLOUR_BINS + q[..., 2]
   # Counts stay exact in int32 up to 2**31 pixels.
-  table = _integral(np.eye(COLOUR_BINS**3, dtype=np.int32)[code])  # [H + 1, W + 1, bins^3]
+  table = integral_image(np.eye(COLOUR_BINS**3, dtype=np.int32)[code])  # [H + 1, W + 1, bins^3]
   ry = np.maximum(np.round(RING_FRACTION * (y1 - y0)).astype(np.int64), 2)
   rx = np.maximum(np.round(RING_FRACTION * (x1 - x0)).astype(np.int64), 2)
-  inside = _box_sums(table, y0, x0, y1, x1).astype(np.float64)  # [N, bins^3]
-  ring = _box_sums(table, y0 - ry, x0 - rx, y1 + ry, x1 + rx) - inside
+  inside = box_sums(table, y0, x0, y1, x1).astype(np.float64)  # [N, bins^3]
+  ring = box_sums(table, y0 - ry, x0 - rx, y1 + ry, x1 + rx) - inside
   n_in, n_ring = inside.sum(1, keepdims=True), ring.sum(1, keepdims=True)
   p, r = inside / np.maximum(n_in, 1), ring / np.maximum(n_ring, 1)
   chi2 = 0.5 * np.sum((p - r)**2 / np.maximum(p + r, 1e-12), axis=1)
@@ -225,26 +168,33 @@ def selective_search(image: np.ndarray, quality: bool = False) -> np.ndarray:
 
 
 def propose(image: np.ndarray, top_k: int = 50, min_size: float | None = None,
-            iou_threshold: float = 0.7, generator: str = "windows") -> tuple[np.ndarray, np.ndarray]:
+            iou_threshold: float | None = None, generator: str = "windows") -> tuple[np.ndarray, np.ndarray]:
   """Top-K proposals of an [H, W, 3] uint8 image: (boxes [K, 4] int32, scores [K]), best first.
 
-  Candidates -> objectness -> NMS. Candidates are `sliding_windows` ("windows")
-  or `selective_search` ("selective_search", needs OpenCV); none has a side
-  under `min_size` (None: `default_min_size`, the reference's 112 px scaled to
-  the image; 0: no limit).
+  Candidates -> scores -> NMS. `generator` is one of GENERATORS:
+  "windows" (`sliding_windows` ranked by `objectness`), "edge_boxes"
+  (`edge_boxes.edge_boxes`) or "selective_search" (OpenCV's, ranked by
+  `objectness`). No candidate has a side under `min_size` (None:
+  `default_min_size`, the reference's 112 px scaled to the image; 0: no limit).
+  iou_threshold: NMS's (None: the generator's, NMS_THRESHOLD).
   """
   height, width = np.shape(image)[:2]
+  if generator not in GENERATORS:
+    raise ValueError(f"unknown proposal generator {generator!r}: one of {', '.join(GENERATORS)}")
   if min_size is None:
     min_size = default_min_size(height, width)
-  if generator == "windows":
-    candidates = sliding_windows(height, width, min_size=min_size)
-  elif generator == "selective_search":
-    candidates = selective_search(image)
-    sides = np.minimum(candidates[:, 2] - candidates[:, 0], candidates[:, 3] - candidates[:, 1])
-    candidates = candidates[sides >= min_size]
+  if iou_threshold is None:
+    iou_threshold = NMS_THRESHOLD[generator]
+  if generator == "edge_boxes":
+    candidates, scores = edge_boxes.edge_boxes(image, min_size)
   else:
-    raise ValueError(f"unknown proposal generator {generator!r}: use 'windows' or 'selective_search'")
-  scores = objectness(image, candidates)
+    if generator == "windows":
+      candidates = sliding_windows(height, width, min_size=min_size)
+    else:
+      candidates = selective_search(image)
+      sides = np.minimum(candidates[:, 2] - candidates[:, 0], candidates[:, 3] - candidates[:, 1])
+      candidates = candidates[sides >= min_size]
+    scores = objectness(image, candidates)
   keep = nms(candidates, scores, iou_threshold, top_k)
   return candidates[keep], scores[keep]
 

@@ -14,7 +14,8 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from deconvnet_jax import checkpoints, class_weights, configs, metrics, proposals, recipes, training
+from deconvnet_jax import (boxes, checkpoints, class_weights, configs, edge_boxes, metrics, proposals, recipes,
+                           training)
 from deconvnet_jax.box_files import BoxFiles
 from deconvnet_jax.configs import TrainConfig
 from deconvnet_jax.data import examples as ex_lib
@@ -30,13 +31,13 @@ class TrainError(ValueError):
   """A run cannot start or go on as configured; the message says why and what to change."""
 
 
-def proposal_settings(proposals_from: Path | None = None) -> dict:
-  """What the stage-2 proposals depend on: the generator's settings and its code, or the box files."""
+def proposal_settings(generator: str = "windows", proposals_from: Path | None = None) -> dict:
+  """What the stage-2 proposals depend on: the generator, its settings and its code, or the box files."""
   if proposals_from is not None:
     path = Path(proposals_from).absolute()
     return {"from": str(path), "mtime_ns": path.stat().st_mtime_ns if path.exists() else None}
-  code = hashlib.sha1(Path(proposals.__file__).read_bytes()).hexdigest()[:16]
-  return {"generator": "windows", "top_k": 50, "code": code}
+  code = hashlib.sha1(b"".join(Path(m.__file__).read_bytes() for m in (proposals, edge_boxes, boxes)))
+  return {"generator": generator, "top_k": 50, "code": code.hexdigest()[:16]}
 
 
 def stage_items(cfg: TrainConfig, split, cache_dir: Path | None) -> items_lib.Items:
@@ -46,9 +47,9 @@ def stage_items(cfg: TrainConfig, split, cache_dir: Path | None) -> items_lib.It
     compute = lambda: items_lib.stage1_items(split)
   else:
     key = items_lib.cache_key(split, stage=2, iou=cfg.stage2_iou, per_image=cfg.proposals_per_image,
-                              proposals=proposal_settings(cfg.proposals_from))
+                              proposals=proposal_settings(cfg.proposals, cfg.proposals_from))
     if cfg.proposals_from is None:
-      propose = lambda i: proposals.propose(split[i].image)[0]
+      propose = lambda i: proposals.propose(split[i].image, generator=cfg.proposals)[0]
     else:
       source = BoxFiles(cfg.proposals_from)
       propose = lambda i: source.boxes(split.image_id(i), *split.size(i))[0]
@@ -176,6 +177,8 @@ def check_settings(cfg: TrainConfig, mesh) -> None:
   """Refuses settings that cannot run, before any work is done."""
   if cfg.batch_size % mesh.size:
     raise TrainError(f"--batch-size {cfg.batch_size} must be a multiple of the {mesh.size} devices")
+  if cfg.proposals not in proposals.GENERATORS:
+    raise TrainError(f"--proposals {cfg.proposals!r}: stage 2 takes one of {', '.join(proposals.GENERATORS)}")
   if cfg.accumulate < 1:
     raise TrainError(f"--accumulate must be at least 1, got {cfg.accumulate}")
   if cfg.model.arch == "deconvnet" and cfg.crop < min_input_size(cfg.model):

@@ -1,4 +1,4 @@
-"""Proposals: IoU and NMS against loops, windows, objectness on generated data, propose, recall."""
+"""Proposals: IoU and NMS against loops, windows, objectness, EdgeBoxes, propose, recall."""
 
 import sys
 
@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import proposal_recall
+from deconvnet_jax import boxes as geometry
 from deconvnet_jax import proposals
 from deconvnet_jax.data.generated import generate
 from deconvnet_jax.data.voc import read_example, read_split
@@ -56,14 +57,14 @@ def test_box_iou_matches_loop_on_special_and_random_boxes():
   ], np.float64)
   rng = np.random.default_rng(0)
   boxes = np.concatenate([special, random_boxes(rng, 60), rng.uniform(0, 20, (20, 4))])
-  got = proposals.box_iou(boxes, boxes[::-1])
+  got = geometry.box_iou(boxes, boxes[::-1])
   want = np.array([[iou_loop(a, b) for b in boxes[::-1]] for a in boxes])
   assert got.shape == (len(boxes), len(boxes)) and got.dtype == np.float64
   assert np.all(np.isfinite(got))
   np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
   assert got[0, -1] == 1.0 and got[6, -7] == 0.0  # identical; an empty box with itself
-  np.testing.assert_array_equal(proposals.box_area(special[[0, 2, 6, 8]]), [100, 12, 0, 0])
-  assert proposals.box_iou(np.zeros((0, 4)), boxes).shape == (0, len(boxes))
+  np.testing.assert_array_equal(geometry.box_area(special[[0, 2, 6, 8]]), [100, 12, 0, 0])
+  assert geometry.box_iou(np.zeros((0, 4)), boxes).shape == (0, len(boxes))
 
 
 @pytest.mark.parametrize("threshold, top_k", [(0.3, None), (0.5, 5), (0.7, None), (0.0, None)])
@@ -72,10 +73,10 @@ def test_nms_matches_loop(threshold, top_k):
   for _ in range(5):
     boxes = random_boxes(rng, 80, size=30).astype(np.float64)
     scores = rng.integers(0, 10, 80).astype(np.float32)  # many ties
-    got = proposals.nms(boxes, scores, threshold, top_k)
+    got = geometry.nms(boxes, scores, threshold, top_k)
     assert got.dtype == np.int64
     assert got.tolist() == nms_loop(boxes, scores, threshold, top_k)
-  assert proposals.nms(np.zeros((0, 4)), np.zeros(0), 0.5).shape == (0,)
+  assert geometry.nms(np.zeros((0, 4)), np.zeros(0), 0.5).shape == (0,)
 
 
 def test_sliding_windows_inside_image_distinct_and_at_least_min_size():
@@ -127,7 +128,7 @@ def test_propose_returns_top_k_sorted_inside_image_and_suppressed(generated):
     assert np.all((boxes[:, :2] >= 0) & (boxes[:, 2:] <= [height, width]))
     smallest = proposals.default_min_size(height, width) if min_size is None else 1
     assert np.all(boxes[:, 2:] - boxes[:, :2] >= smallest)
-    iou = proposals.box_iou(boxes, boxes)
+    iou = geometry.box_iou(boxes, boxes)
     assert np.all(iou[np.triu_indices(20, 1)] <= 0.7)
   # A small image with a large minimum size has fewer windows than asked for.
   boxes, scores = proposals.propose(ex.image[:12, :12], top_k=50, min_size=10, iou_threshold=1.0)
@@ -182,11 +183,41 @@ def test_selective_search_boxes_inside_image(generated):
 
 
 def test_recall_tool_prints_recall_table(generated, capsys):
-  assert proposal_recall.main(["--data", str(generated), "--split", "val", "--top-k", "5", "--limit", "4"]) == 0
-  out = capsys.readouterr().out
-  assert "4 images" in out and "s per image" in out
-  assert [line.split(":")[0] for line in out.splitlines()[1:]] == [
-      f"recall@{k} (IoU >= 0.5)" for k in (1, 2, 5)]
+  argv = ["--data", str(generated), "--split", "val", "--top-k", "5", "--limit", "4"]
+  assert proposal_recall.main(argv + ["--generator", "windows", "random_windows"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[1] == "| generator | IoU | @1 | @2 | @5 | s/image |"
+  rows = [line.split(" | ") for line in lines[3:7]]
+  assert [(r[0], r[1]) for r in rows] == [("| windows", "0.5"), ("| windows", "0.7"),
+                                          ("| random_windows", "0.5"), ("| random_windows", "0.7")]
+  for r in rows:  # recall grows with K; IoU 0.7 finds no more than 0.5
+    recalls = [float(v) for v in r[2:5]]
+    assert recalls == sorted(recalls) and all(0 <= v <= 1 for v in recalls)
+  assert all(float(a) >= float(b) for a, b in zip(rows[0][2:5], rows[1][2:5]))
+  assert lines[-1].endswith("objects")
+
+
+@pytest.mark.parametrize("generator", ["windows", "edge_boxes", "selective_search"])
+def test_every_generator_gives_valid_ranked_boxes(generated, generator):
+  if generator == "selective_search":
+    pytest.importorskip("cv2.ximgproc")
+  ex = read_example(generated, read_split(generated, "val")[1])
+  height, width = ex.image.shape[:2]
+  for min_size in (None, 0, 40):
+    boxes, scores = proposals.propose(ex.image, top_k=30, min_size=min_size, generator=generator)
+    assert 0 < len(boxes) <= 30 and boxes.dtype == np.int32 and scores.shape == (len(boxes),)
+    assert np.all(np.diff(scores) <= 0)
+    assert np.all((boxes[:, :2] >= 0) & (boxes[:, 2:] <= [height, width]))
+    smallest = proposals.default_min_size(height, width) if min_size is None else max(min_size, 1)
+    assert np.all(boxes[:, 2:] - boxes[:, :2] >= min(smallest, height, width))
+    iou = geometry.box_iou(boxes, boxes)
+    assert np.all(iou[np.triu_indices(len(boxes), 1)] <= proposals.NMS_THRESHOLD[generator])
+
+
+def test_edge_boxes_find_the_generated_objects(generated):
+  examples = [read_example(generated, i) for i in read_split(generated, "trainval")]
+  found = [proposals.propose(ex.image, top_k=10, min_size=0, generator="edge_boxes")[0] for ex in examples]
+  assert proposals.recall(found, [ex.boxes for ex in examples]) > 0.6
 
 
 def blob_probabilities(height=60, width=80):
@@ -208,7 +239,7 @@ def test_network_boxes_recover_the_segmented_regions():
   assert np.all((boxes[:, :2] >= 0) & (boxes[:, 2:] <= [60, 80]) & (boxes[:, 2:] > boxes[:, :2]))
   np.testing.assert_allclose(boxes[0], rect)  # the confident region's tight box ranks first
   assert np.isclose(scores[0], 0.95)
-  ious = proposals.box_iou([rect, disc], boxes)
+  ious = geometry.box_iou([rect, disc], boxes)
   assert ious.max(1).tolist() == [1.0, 1.0]  # both regions' tight boxes are there
   # Context versions: centred on the region, 1.25x its sides (clipped at the border).
   np.testing.assert_allclose(boxes[1], (7.5, 2.5, 32.5, 27.5))

@@ -2,6 +2,7 @@
 train.py / evaluate.py running from VOC + SBD folders and from a prepared TFDS folder."""
 
 import argparse
+import dataclasses
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ from test_sbd import TRAIN_AUG, make_voc_and_sbd
 
 import evaluate
 import train
-from deconvnet_jax import checkpoints, configs, train_loop
+from deconvnet_jax import checkpoints, configs, proposals, train_loop, training
 from deconvnet_jax.configs import DataConfig, TrainConfig
 from deconvnet_jax.data import items as items_lib
 from deconvnet_jax.data import sources, tfds_voc, voc
@@ -205,3 +206,23 @@ def test_stage2_items_from_user_box_files(roots, tmp_path):
   (boxes_dir / f"{split.image_id(0)}.json").write_text("[[0, 0, 1000, 5]]")
   with pytest.raises(Exception, match=f"{split.image_id(0)}.json: box 0 .* lies outside"):
     train_loop.stage_items(cfg, split, None)
+
+
+def test_stage2_items_from_each_generator_are_cached_apart(roots, tmp_path):
+  voc_root, sbd, _ = roots
+  split = sources.Subset(sources.open_split(DataConfig(root=voc_root, sbd=sbd), "train_aug"), 3)
+  cfg = train.parse_args(["--stage", "2", "--proposals", "edge_boxes"])
+  assert cfg.proposals == "edge_boxes"
+  cache = tmp_path / "items"
+  got = {}
+  for generator in ("windows", "edge_boxes"):
+    cfg = dataclasses.replace(cfg, proposals=generator)
+    items = train_loop.stage_items(cfg, split, cache)
+    want = items_lib.stage2_items(split, lambda i: proposals.propose(split[i].image, generator=generator)[0],
+                                  cfg.stage2_iou, cfg.proposals_per_image)
+    assert [(it.index, it.box, it.instance) for it in items] == [(it.index, it.box, it.instance) for it in want]
+    got[generator] = {(it.index, it.box) for it in items}
+  assert got["windows"] != got["edge_boxes"]
+  assert len(list(cache.glob("items-*.npz"))) == 2  # one cache entry per generator
+  with pytest.raises(train_loop.TrainError, match="--proposals 'network': stage 2 takes one of"):
+    train_loop.check_settings(dataclasses.replace(cfg, proposals="network"), training.make_mesh())

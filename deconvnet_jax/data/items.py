@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from deconvnet_jax.configs import json_digest
 from deconvnet_jax.images import atomic_path
-from deconvnet_jax.proposals import box_iou
+from deconvnet_jax.boxes import box_iou
 
 THREADS = max(4, os.cpu_count() or 1)  # PNG / JPEG decoding and NumPy release the GIL
 
