@@ -42,8 +42,8 @@ def parse_args(argv=None):
   p.add_argument("--split", help="default: the validation split of the data (val; COCO: val2017)")
   p.add_argument("--limit", type=int, help="only the first N images of the split")
   p.add_argument("--top-k", type=int, default=InferenceConfig().top_k)
-  p.add_argument("--proposals", choices=PROPOSALS,
-                 default=InferenceConfig().proposals, help=PROPOSALS_HELP)
+  p.add_argument("--proposals", choices=PROPOSALS, nargs="+", default=[InferenceConfig().proposals],
+                 help="one or more, side by side: " + PROPOSALS_HELP)
   p.add_argument("--curve", type=int, nargs="*", help="also score these proposal counts, e.g. 1 2 5 10 20 50")
   p.add_argument("--proposals-from", type=Path, metavar="DIR|FILE",
                  help="proposals from elsewhere: DIR/ID.json|csv|npy per image or one JSON {ID: boxes}; "
@@ -56,12 +56,12 @@ def parse_args(argv=None):
 
 
 class Evaluator:
-  """Per-image confusion matrices of every variant, for one checkpoint."""
+  """Per-image confusion matrices of every variant, for one checkpoint and one or more proposal generators."""
 
-  def __init__(self, model, fcn, config: InferenceConfig, curve: list[int]):
+  def __init__(self, model, fcn, config: InferenceConfig, curve: list[int], generators: list[str]):
     self.k = model.config.num_classes
     self.whole = Segmenter(model, dataclasses.replace(config, mode="whole"))
-    self.instance = Segmenter(model, config)
+    self.instance = {g: Segmenter(model, dataclasses.replace(config, proposals=g)) for g in generators}
     self.fcn = Segmenter(fcn, dataclasses.replace(config, mode="whole")).net if fcn is not None else None
     self.curve = curve
 
@@ -73,19 +73,32 @@ class Evaluator:
     k, hw, seconds = self.k, ex.label.shape, Segmenter.new_seconds()
     conf = lambda pred: metrics.confusion_matrix(ex.label, pred, k)
     out = {"whole image": conf(self.whole.segment(ex.image).label)}
-    maps, squares = self.instance.proposal_maps(ex.image, seconds, boxes)
-    scores = self.instance.combine(maps, squares, hw, seconds)
-    out["DeconvNet"] = conf(scores.argmax(-1))
-    for n in self.curve:  # proposals come best first: the top n are a prefix
-      out[f"DeconvNet, {n} proposals"] = conf(self.instance.combine(maps[:n], squares[:n], hw, seconds).argmax(-1))
-    to_refine = {"DeconvNet+CRF": aggregate.softmax(scores)}
-    if self.fcn is not None:
-      fcn_scores = self.fcn.whole_image(ex.image)
+    to_refine = {}
+    fcn_scores = self.fcn.whole_image(ex.image) if self.fcn is not None else None
+    if fcn_scores is not None:
       out["FCN-8s"] = conf(fcn_scores.argmax(-1))
-      eprob = aggregate.softmax(aggregate.ensemble(scores, fcn_scores))
-      out["EDeconvNet"] = conf(eprob.argmax(-1))
-      to_refine["EDeconvNet+CRF"] = eprob
+    for generator, segmenter in self.instance.items():
+      name = variant_name(generator, len(self.instance))
+      maps, squares = segmenter.proposal_maps(ex.image, seconds, boxes)
+      scores = segmenter.combine(maps, squares, hw, seconds)
+      out[name("DeconvNet")] = conf(scores.argmax(-1))
+      for n in self.curve:  # proposals come best first: the top n are a prefix
+        out[name("DeconvNet", n)] = conf(segmenter.combine(maps[:n], squares[:n], hw, seconds).argmax(-1))
+      to_refine[name("DeconvNet+CRF")] = aggregate.softmax(scores)
+      if fcn_scores is not None:
+        eprob = aggregate.softmax(aggregate.ensemble(scores, fcn_scores))
+        out[name("EDeconvNet")] = conf(eprob.argmax(-1))
+        to_refine[name("EDeconvNet+CRF")] = eprob
     return out, to_refine
+
+
+def variant_name(generator: str, generators: int):
+  """name(variant, proposals=None): e.g. "DeconvNet, 5 proposals"; with several generators,
+  "DeconvNet (edge_boxes), 5 proposals"."""
+  def name(variant: str, proposals: int | None = None) -> str:
+    return (variant + (f" ({generator})" if generators > 1 else "")
+            + (f", {proposals} proposals" if proposals is not None else ""))
+  return name
 
 
 def open_split(args, train_config: configs.TrainConfig, num_classes: int):
@@ -115,14 +128,16 @@ def evaluate(args) -> int:
   model, meta = checkpoints.load_model(args.checkpoint)
   fcn = checkpoints.load_model(args.fcn_checkpoint)[0] if args.fcn_checkpoint else None
   train_config = configs.train_config(meta)
-  config = InferenceConfig(top_k=max([args.top_k, *(args.curve or [])]), proposals=args.proposals,
+  config = InferenceConfig(top_k=max([args.top_k, *(args.curve or [])]), proposals=args.proposals[0],
                            input_size=args.input_size or train_config.crop, crf=False)
-  evaluator = Evaluator(model, fcn, config, sorted(args.curve or []))
+  if args.proposals_from is not None and len(args.proposals) > 1:
+    raise DataError("--proposals-from replaces the generator: give one --proposals, not several")
+  evaluator = Evaluator(model, fcn, config, sorted(args.curve or []), args.proposals)
   ds, split = open_split(args, train_config, evaluator.k)
   out_dir = args.output or Path(args.checkpoint)
   box_source = BoxFiles(args.proposals_from) if args.proposals_from is not None else None
   # Results depend on the settings as well as the image: each set of settings has its own cache.
-  settings = {"config": dataclasses.asdict(config), "curve": sorted(args.curve or []),
+  settings = {"config": dataclasses.asdict(config), "proposals": args.proposals, "curve": sorted(args.curve or []),
               "fcn": str(args.fcn_checkpoint), "proposals_from": str(args.proposals_from)}
   cache = out_dir / "cache" / split / configs.json_digest(settings)
   cache.mkdir(parents=True, exist_ok=True)
@@ -166,9 +181,10 @@ def evaluate(args) -> int:
       indent=2))
   if args.curve:
     xs = sorted(args.curve)
-    ys = [100 * rows[f"DeconvNet, {n} proposals"]["miou"] for n in xs]
-    save_atomic(line_plot(xs, ys, "mIoU against proposals per image", "proposals per image", "mIoU %"),
-                out_dir / "curve.png")
+    series = {g: [100 * rows[variant_name(g, len(args.proposals))("DeconvNet", n)]["miou"] for n in xs]
+              for g in args.proposals}
+    save_atomic(line_plot(xs, series, f"DeconvNet mIoU against proposals per image ({ds.name})",
+                          "proposals per image", "mIoU %"), out_dir / "curve.png")
   return 0
 
 

@@ -1,15 +1,21 @@
-"""Small charts drawn with PIL (no plotting library needed): the proposals curve."""
+"""Small charts drawn with PIL (no plotting library needed): the proposals curves."""
 
 from PIL import Image, ImageDraw
 
+# Matplotlib's first colours, one per series.
+COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
 
-def line_plot(xs, ys, title: str, xlabel: str, ylabel: str, size=(640, 420)) -> Image.Image:
-  """A line chart with points, value labels and a log-spaced-by-rank x axis (one tick per x)."""
+
+def line_plot(xs, series: dict[str, list], title: str, xlabel: str, ylabel: str,
+              size=(640, 420)) -> Image.Image:
+  """A line chart of one or more series over xs (one tick per x, evenly spaced by rank), with points,
+  value labels and, for several series, a legend."""
   w, h = size
   left, right, top, bottom = 70, 20, 40, 60
   im = Image.new("RGB", size, "white")
   draw = ImageDraw.Draw(im)
-  lo, hi = min(ys), max(ys)
+  values = [y for ys in series.values() for y in ys]
+  lo, hi = min(values), max(values)
   pad = max((hi - lo) * 0.15, 1.0)
   lo, hi = lo - pad, hi + pad
   px = lambda i: left + (w - left - right) * (i + 0.5) / len(xs)  # x ticks evenly by rank
@@ -19,13 +25,20 @@ def line_plot(xs, ys, title: str, xlabel: str, ylabel: str, size=(640, 420)) -> 
     y = lo + (hi - lo) * frac
     draw.line([left - 4, py(y), left, py(y)], fill="black")
     draw.text((8, py(y) - 6), f"{y:.1f}", fill="black")
-  points = [(px(i), py(y)) for i, y in enumerate(ys)]
-  draw.line(points, fill=(31, 119, 180), width=3)
-  for i, ((x, y), value) in enumerate(zip(points, ys)):
-    draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(31, 119, 180))
-    draw.text((x - 12, y - 18), f"{value:.1f}", fill="black")
-    draw.text((x - 6, h - bottom + 8), str(xs[i]), fill="black")
+  for i, x in enumerate(xs):
+    draw.text((px(i) - 6, h - bottom + 8), str(x), fill="black")
+  for s, (name, ys) in enumerate(series.items()):
+    colour = COLOURS[s % len(COLOURS)]
+    points = [(px(i), py(y)) for i, y in enumerate(ys)]
+    draw.line(points, fill=colour, width=3)
+    for (x, y), value in zip(points, ys):
+      draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
+      draw.text((x + 6, y - 14), f"{value:.1f}", fill=colour)
+    if len(series) > 1:
+      ly = top + 8 + 16 * s
+      draw.line([left + 10, ly + 6, left + 34, ly + 6], fill=colour, width=3)
+      draw.text((left + 40, ly), name, fill="black")
   draw.text((w // 2 - 60, h - 24), xlabel, fill="black")
   draw.text((8, top - 24), ylabel, fill="black")
-  draw.text((w // 2 - 100, 10), title, fill="black")
+  draw.text((left, 10), title, fill="black")
   return im

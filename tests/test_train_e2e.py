@@ -213,6 +213,17 @@ def test_evaluate_scores_the_variants_with_the_shared_metric(data, tmp_path, cap
     ex = read_example(data, image_id)
     conf += metrics.confusion_matrix(ex.label, whole.segment(ex.image).label, 21)
   assert np.isclose(results["variants"]["whole image"]["miou"], metrics.mean_iou(conf))
+  # Two generators side by side: each one's rows are those of its own run; one curve each.
+  assert evaluate.main(argv[:-1] + [str(tmp_path / "both"), "--proposals", "windows", "edge_boxes"]) == 0
+  both = json.loads((tmp_path / "both" / "results.json").read_text())["variants"]
+  assert list(both) == ["whole image"] + [
+      f"DeconvNet ({g}){n}" for g in ("windows", "edge_boxes") for n in ("", ", 1 proposals", ", 3 proposals")] + [
+      "DeconvNet+CRF (windows)", "DeconvNet+CRF (edge_boxes)"]
+  for name, row in results["variants"].items():  # "DeconvNet+CRF" -> "DeconvNet+CRF (windows)", ...
+    variant, *count = name.split(", ")
+    assert both[", ".join([variant + (" (windows)" if "DeconvNet" in variant else ""), *count])] == row
+  assert Image.open(tmp_path / "both" / "curve.png").size == (640, 420)
+  assert evaluate.main(argv + ["--proposals", "windows", "network", "--proposals-from", str(tmp_path)]) == 2
 
 
 def test_evaluate_with_an_fcn_checkpoint_scores_the_ensemble(data, tmp_path):
