@@ -87,6 +87,9 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--accumulate", type=int, default=2, metavar="K",
                       help="micro-batches for the gradient-accumulation row (0: skip it)")
+  parser.add_argument("--torch-rounds", type=int, default=2, metavar="N",
+                      help="rounds alternating ours and PyTorch eager (float32, bf16 autocast) when torch "
+                           "is installed (0: skip)")
   parser.add_argument("--no-inference", dest="inference", action="store_false",
                       help="skip the instance-wise inference timing")
   args = parser.parse_args()
@@ -119,7 +122,6 @@ def main():
   batch = {"image": jnp.asarray(rng.normal(size=(b, size, size, 3)), jnp.float32),
            "label": jnp.asarray(rng.integers(0, config.num_classes, (b, size, size)), jnp.int32)}
   forward = jit_eval_logits(graphdef, mesh)
-  t_fwd = timeit(forward, state.params, state.batch_stats, batch["image"], repeats=args.repeats)
   step = jit_train_step(graphdef, tx, mesh)
   holder = [state]
 
@@ -127,7 +129,12 @@ def main():
     holder[0], metrics = step(holder[0], batch)
     return metrics["loss"]
 
-  t_step = timeit(one_step, batch, repeats=args.repeats)
+  def ours() -> dict[str, float]:
+    return {"forward": timeit(forward, holder[0].params, holder[0].batch_stats, batch["image"], repeats=args.repeats),
+            "train step": timeit(one_step, batch, repeats=args.repeats)}
+
+  rounds = [ours()]
+  t_fwd, t_step = rounds[0]["forward"], rounds[0]["train step"]
   flops = forward_flops(config, size)
   best = max(g for _, _, g in peak)
   share = sum(pools[k] for k in ("max_pool_with_argmax forward", "max_pool_with_argmax backward",
@@ -138,10 +145,39 @@ def main():
     g = f * b / t / 1e9
     print(f"| {name} | {t / b:.3f} | {b / t:.2f} | {g:.0f} | {g / best:.0%} |")
   print(f"| pool + unpool (fwd+bwd) share of the train step | {share:.1%} | | | |")
+  if args.torch_rounds:
+    torch_table(config, b, size, args.repeats, args.torch_rounds, rounds, ours)
   if args.accumulate > 1:
     accumulation_table(graphdef, tx, mesh, holder, batch, t_step, args.accumulate, args.repeats)
   if args.inference:
     inference_table(nnx.merge(graphdef, holder[0].params, holder[0].batch_stats), args.repeats)
+
+
+def torch_table(config, b: int, size: int, repeats: int, n: int, rounds: list, ours):
+  """The same network in PyTorch eager, float32 and bf16 autocast, in rounds alternating with ours."""
+  try:
+    import bench_torch  # needs torch
+  except ImportError:
+    print("\n(torch not installed: no PyTorch rows; pip install torch==2.13.0 for the CPU build)")
+    return
+  import torch
+  theirs = {"float32": [], "bf16 autocast": []}
+  for r in range(n):
+    if r:
+      rounds.append(ours())
+    for name in theirs:
+      theirs[name].append(bench_torch.timings(config, b, size, repeats, bf16=name != "float32"))
+  span = lambda xs: f"{min(xs):.2f}" if len(xs) == 1 or f"{min(xs):.2f}" == f"{max(xs):.2f}" else \
+      f"{min(xs):.2f}-{max(xs):.2f}"
+  print(f"\n| batch {b}, {n} alternating rounds, img/s | ours | PyTorch {torch.__version__} eager float32 "
+        "| PyTorch bf16 autocast | ours / PyTorch float32 |")
+  print("|---|---:|---:|---:|---:|")
+  for part in ("train step", "forward"):
+    mine = [b / r[part] for r in rounds]
+    f32 = [b / t[part] for t in theirs["float32"]]
+    bf16 = [b / t[part] for t in theirs["bf16 autocast"]]
+    ratios = [m / t for m, t in zip(mine, f32)]  # round by round
+    print(f"| {part} | {span(mine)} | {span(f32)} | {span(bf16)} | {span(ratios)}x |")
 
 
 def accumulation_table(graphdef, tx, mesh, holder, batch, t_step, k, repeats):
