@@ -188,7 +188,10 @@ def candidates(height: int, width: int) -> np.ndarray:
 
 
 class Scorer:
-  """Scores boxes of one image by EdgeBoxes; holds the image's groups and tables."""
+  """Scores boxes of one image by EdgeBoxes; holds the image's groups and tables.
+
+  Not thread-safe (`full` switches the shared graph's edges per box): one per image and thread.
+  """
 
   def __init__(self, image: np.ndarray):
     strength, theta = edge_map(image)
@@ -248,8 +251,7 @@ class Scorer:
         distance = scipy.sparse.csgraph.dijkstra(self.graph, indices=np.flatnonzero(crossing), min_only=True,
                                                  limit=self.max_length)
         weight = np.exp(-distance)  # inf (unreached) -> 0
-      kept = np.dot(inside * (1 - weight), g.magnitude)
-      out[n] = kept
+      out[n] = np.dot(inside * (1 - weight), g.magnitude)
     y0, x0, y1, x1 = boxes.T
     return (out - self._centre(y0, x0, y1, x1)) * self._norm(y0, x0, y1, x1)
 
