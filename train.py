@@ -45,7 +45,7 @@ def parse_args(argv=None) -> TrainConfig:
   p.add_argument("--proposals-per-image", type=int, help="stage 2: at most this many examples per image")
   p.add_argument("--stage2-iou", type=float, default=d.stage2_iou)
   p.add_argument("--proposals", choices=proposals.GENERATORS, default=d.proposals,
-                 help="stage 2: the proposal generator (content only; see infer.py --help)")
+                 help="stage 2: the proposal generator, content only (windows, the default: the fastest; see infer.py --help)")
   p.add_argument("--proposals-from", type=Path, metavar="DIR|FILE",
                  help="stage 2: proposals from elsewhere (e.g. EdgeBoxes' own), DIR/ID.json|csv|npy per "
                       "image or one JSON {ID: boxes}, pixel (x0, y0, x1, y1); see deconvnet_jax/box_files.py")

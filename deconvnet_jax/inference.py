@@ -26,10 +26,10 @@ from deconvnet_jax.normalization import normalize
 # Proposal generators: the content-only ones of proposals.GENERATORS, "network" (the regions a
 # whole-image forward segments) or "mix" (network boxes first, then windows).
 PROPOSALS = (*proposals.GENERATORS, "network", "mix")
-PROPOSALS_HELP = ("windows (default): sliding windows ranked by objectness; edge_boxes: EdgeBoxes on "
-                  "gradient edges (best on real photos with --min-size 0, slower); selective_search: "
-                  "OpenCV's (optional); network: boxes of the regions a whole-image forward segments; "
-                  "mix: network boxes first, then windows")
+PROPOSALS_HELP = ("mix (default): network boxes first, then windows; network: boxes of the regions a "
+                  "whole-image forward segments; windows: sliding windows ranked by objectness; edge_boxes: "
+                  "EdgeBoxes on gradient edges (for real photos with --min-size 0; slower); selective_search: "
+                  "OpenCV's (optional)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +37,7 @@ class InferenceConfig:
   """How an image is segmented; defaults are the paper's."""
 
   mode: str = "instance"  # "instance" (proposals) or "whole" (one forward over the image)
-  proposals: str = "windows"  # one of PROPOSALS
+  proposals: str = "mix"  # one of PROPOSALS; mix measured best with a trained model (README, Data)
   top_k: int = 50  # proposals per image
   min_size: float | None = None  # proposals' small-box rule; None: 112 px scaled to the image
   input_size: int = 224  # side of each proposal crop fed to the network

@@ -8,8 +8,8 @@ COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 
 def line_plot(xs, series: dict[str, list], title: str, xlabel: str, ylabel: str,
               size=(640, 420)) -> Image.Image:
-  """A line chart of one or more series over xs (one tick per x, evenly spaced by rank), with points,
-  value labels and, for several series, a legend."""
+  """A line chart of one or more series over xs (one tick per x, evenly spaced by rank), with points;
+  one series has value labels, several a legend instead (their labels would collide)."""
   w, h = size
   left, right, top, bottom = 70, 20, 40, 60
   im = Image.new("RGB", size, "white")
@@ -33,7 +33,8 @@ def line_plot(xs, series: dict[str, list], title: str, xlabel: str, ylabel: str,
     draw.line(points, fill=colour, width=3)
     for (x, y), value in zip(points, ys):
       draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
-      draw.text((x + 6, y - 14), f"{value:.1f}", fill=colour)
+      if len(series) == 1:
+        draw.text((x - 12, y - 18), f"{value:.1f}", fill="black")
     if len(series) > 1:
       ly = top + 8 + 16 * s
       draw.line([left + 10, ly + 6, left + 34, ly + 6], fill=colour, width=3)

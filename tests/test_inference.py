@@ -12,8 +12,8 @@ from deconvnet_jax.models import build_model
 
 def test_one_compilation_for_any_image_size_and_proposal_count():
   rng = np.random.default_rng(0)
-  segmenter = Segmenter(build_model(model_config("small")),
-                        InferenceConfig(top_k=7, input_size=64, batch_size=4, crf=False))
+  segmenter = Segmenter(build_model(model_config("small")),  # windows: no whole-image forward
+                        InferenceConfig(proposals="windows", top_k=7, input_size=64, batch_size=4, crf=False))
   for size in ((70, 70), (120, 120), (64, 96)):
     image = make_example(rng, *size)[0]
     result = segmenter.segment(image)
