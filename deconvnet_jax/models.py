@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from deconvnet_jax.configs import ModelConfig
+from deconvnet_jax.conv import conv2d
 from deconvnet_jax.ops import max_pool_with_argmax, max_unpool
 
 VGG16_PLAN = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -46,6 +47,20 @@ def bilinear_kernel(key, shape, dtype=jnp.float32):
   return jnp.asarray(weights, dtype)
 
 
+class Conv(nnx.Module):
+  """k x k stride-1 convolution with `pad` zeros each side, HWIO kernel and a bias (nnx.Conv's state),
+  through `conv.conv2d` and its fast weight gradient."""
+
+  def __init__(self, cin: int, cout: int, k: int, *, pad: int = 0, dtype, kernel_init, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(kernel_init(rngs.params(), (k, k, cin, cout)))  # HWIO
+    self.bias = nnx.Param(jnp.zeros((cout,)))
+    self.pad, self.dtype = pad, dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, cin] -> [B, H+2p-k+1, W+2p-k+1, cout]
+    y = conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.pad)
+    return y + self.bias[...].astype(self.dtype)
+
+
 class FullyConv(nnx.Module):
   """A k x k VALID convolution: fc6 (7x7) and fc7 (1x1) of VGG16 as convolutions.
 
@@ -64,8 +79,7 @@ class FullyConv(nnx.Module):
     if x.shape[1:3] == (k, k):
       y = (x.reshape(x.shape[0], k * k * cin) @ kernel.reshape(k * k * cin, cout))[:, None, None]
     else:
-      y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      y = conv2d(x, kernel, 0)
     return y + self.bias[...].astype(self.dtype)
 
 
@@ -86,6 +100,9 @@ class Deconv(nnx.Module):
       # not a padded k x k convolution over zeros.
       y = (x.reshape(-1, cin) @ kernel.reshape(cin, cout * k * k)).reshape(-1, cout, k, k)
       y = y.transpose(0, 2, 3, 1)
+    elif self.stride == 1:
+      # Stride 1: a plain conv, padded by k - 1 - pad, with the flipped kernel as HWIO.
+      y = conv2d(x, kernel[:, :, ::-1, ::-1].transpose(2, 3, 0, 1), k - 1 - self.pad)
     else:
       # A transposed conv is a conv of the stride-dilated input, padded by
       # k - 1 - pad, with the spatially flipped kernel.
@@ -116,8 +133,7 @@ class Block(nnx.Module):
 
 
 def conv3x3(cin, cout, config, rngs, pad=1, kernel_init=he_normal):
-  return nnx.Conv(cin, cout, (3, 3), padding=((pad, pad), (pad, pad)), dtype=_dtype(config),
-                  kernel_init=kernel_init, rngs=rngs)
+  return Conv(cin, cout, 3, pad=pad, dtype=_dtype(config), kernel_init=kernel_init, rngs=rngs)
 
 
 class VGG16(nnx.Module):
@@ -179,7 +195,7 @@ class DeconvNet(nnx.Module):
         layer = Deconv(cin, cout, 3, pad=1, dtype=dt, kernel_init=gaussian, rngs=rngs)
         setattr(self, f"deconv{s}_{i}", Block(layer, cout, config, rngs))
         cin = cout
-    self.score = nnx.Conv(cin, config.num_classes, (1, 1), dtype=dt, kernel_init=gaussian, rngs=rngs)
+    self.score = Conv(cin, config.num_classes, 1, dtype=dt, kernel_init=gaussian, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.score(self._decode(x)).astype(jnp.float32)
@@ -240,9 +256,9 @@ class FCN8s(nnx.Module):
     n, dt = config.num_classes, _dtype(config)
     zeros = nnx.initializers.zeros
     self.encoder = VGG16(config, rngs, first_pad=100)
-    self.score_fr = nnx.Conv(config.fc_dim, n, (1, 1), dtype=dt, kernel_init=zeros, rngs=rngs)
-    self.score_pool4 = nnx.Conv(config.channels(512), n, (1, 1), dtype=dt, kernel_init=zeros, rngs=rngs)
-    self.score_pool3 = nnx.Conv(config.channels(256), n, (1, 1), dtype=dt, kernel_init=zeros, rngs=rngs)
+    self.score_fr = Conv(config.fc_dim, n, 1, dtype=dt, kernel_init=zeros, rngs=rngs)
+    self.score_pool4 = Conv(config.channels(512), n, 1, dtype=dt, kernel_init=zeros, rngs=rngs)
+    self.score_pool3 = Conv(config.channels(256), n, 1, dtype=dt, kernel_init=zeros, rngs=rngs)
     up = dict(use_bias=False, dtype=dt, kernel_init=bilinear_kernel, rngs=rngs)
     self.upscore2 = Deconv(n, n, 4, stride=2, **up)
     self.upscore_pool4 = Deconv(n, n, 4, stride=2, **up)

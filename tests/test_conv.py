@@ -1,0 +1,76 @@
+"""conv2d's custom weight gradient: against a float64 NumPy reference and XLA's own gradient."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deconvnet_jax.conv import MATMUL_MIN_CHANNELS, conv2d, weight_gradient
+
+
+def reference(x, kernel, g, pad):
+  """(y, dx, dW) of a stride-1 zero-padded convolution, float64 NumPy over kernel taps."""
+  x, kernel, g = (np.asarray(a, np.float64) for a in (x, kernel, g))
+  kh, kw = kernel.shape[:2]
+  xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+  y = np.zeros((x.shape[0], ho, wo, kernel.shape[3]))
+  dxp = np.zeros_like(xp)
+  dw = np.zeros_like(kernel)
+  for i in range(kh):
+    for j in range(kw):
+      view = xp[:, i:i + ho, j:j + wo, :]  # [B, H', W', Ci]
+      y += view @ kernel[i, j]
+      dw[i, j] = np.einsum("bhwc,bhwd->cd", view, g)
+      dxp[:, i:i + ho, j:j + wo, :] += g @ kernel[i, j].T
+  return y, dxp[:, pad:xp.shape[1] - pad, pad:xp.shape[2] - pad, :], dw
+
+
+@pytest.mark.parametrize("cout", [6, MATMUL_MIN_CHANNELS])  # XLA's weight gradient, then the matmuls
+@pytest.mark.parametrize("k, pad, shape", [(3, 1, (2, 9, 7, 5)), (1, 0, (2, 6, 5, 4)), (3, 0, (1, 8, 8, 3)),
+                                           (7, 0, (2, 7, 9, 4)), (3, 2, (2, 5, 6, 3))])
+def test_forward_and_gradients_match_float64_loops(k, pad, shape, cout):
+  rng = np.random.default_rng(k + pad)
+  x = rng.normal(size=shape).astype(np.float32)
+  kernel = rng.normal(size=(k, k, shape[3], cout)).astype(np.float32)
+  y, vjp = jax.vjp(lambda x, w: conv2d(x, w, pad), x, kernel)
+  g = rng.normal(size=y.shape).astype(np.float32)
+  dx, dw = vjp(g)
+  want_y, want_dx, want_dw = reference(x, kernel, g, pad)
+  assert y.shape == want_y.shape and dx.shape == x.shape and dw.shape == kernel.shape
+  assert dx.dtype == dw.dtype == jnp.float32
+  np.testing.assert_allclose(y, want_y, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dw, want_dw, rtol=1e-4, atol=1e-4)
+  # XLA's own gradient of the same convolution agrees as well.
+  plain = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), ((pad, pad), (pad, pad)),
+                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  xla_dx, xla_dw = jax.vjp(plain, x, kernel)[1](g)
+  np.testing.assert_allclose(dw, xla_dw, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dx, xla_dx, rtol=1e-5, atol=1e-5)
+
+
+def test_second_use_inside_jit_grad_and_bfloat16_within_a_bound():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 16, 16, 32)).astype(np.float32)
+  kernel = (rng.normal(size=(3, 3, 32, 32)) * 0.1).astype(np.float32)
+  loss = lambda w, x: jnp.sum(conv2d(jax.nn.relu(conv2d(x, w, 1)), w, 1) ** 2)  # the kernel used twice
+  grad = jax.jit(jax.grad(loss))(kernel, x)
+  plain = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  want = jax.grad(lambda w, x: jnp.sum(plain(jax.nn.relu(plain(x, w)), w) ** 2))(kernel, x)
+  np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-3)
+  # bfloat16 compute: the weight gradient comes back in bfloat16, within 2% of float32's.
+  g16 = jax.grad(lambda w, x: loss(w.astype(jnp.bfloat16), x.astype(jnp.bfloat16)).astype(jnp.float32))(kernel, x)
+  assert g16.dtype == jnp.float32
+  assert np.linalg.norm(g16 - want) / np.linalg.norm(want) < 0.02
+
+
+def test_weight_gradient_is_the_matmul_form_on_the_cpu():
+  """On the CPU the custom rule's dW is `weight_gradient`'s, bit for bit, from 32 output channels."""
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, 10, 10, 4)).astype(np.float32)
+  kernel = rng.normal(size=(3, 3, 4, MATMUL_MIN_CHANNELS)).astype(np.float32)
+  g = rng.normal(size=(2, 10, 10, MATMUL_MIN_CHANNELS)).astype(np.float32)
+  dw = jax.jit(lambda x, w, g: jax.vjp(lambda w: conv2d(x, w, 1), w)[1](g)[0])(x, kernel, g)
+  np.testing.assert_array_equal(dw, jax.jit(lambda x, g: weight_gradient(x, g, kernel.shape, 1))(x, g))
