@@ -162,22 +162,36 @@ def torch_table(config, b: int, size: int, repeats: int, n: int, rounds: list, o
     return
   import torch
   theirs = {"float32": [], "bf16 autocast": []}
+  if not cpu_has_bf16():
+    print("\n(this CPU has no avx512_bf16 / amx_bf16: PyTorch's bf16 autocast would be emulated; "
+          "its row is skipped)")
+    del theirs["bf16 autocast"]
   for r in range(n):
     if r:
       rounds.append(ours())
     for name in theirs:
       theirs[name].append(bench_torch.timings(config, b, size, repeats, bf16=name != "float32"))
+  bf16_header = " | PyTorch bf16 autocast" if "bf16 autocast" in theirs else ""
   span = lambda xs: f"{min(xs):.2f}" if len(xs) == 1 or f"{min(xs):.2f}" == f"{max(xs):.2f}" else \
       f"{min(xs):.2f}-{max(xs):.2f}"
-  print(f"\n| batch {b}, {n} alternating rounds, img/s | ours | PyTorch {torch.__version__} eager float32 "
-        "| PyTorch bf16 autocast | ours / PyTorch float32 |")
-  print("|---|---:|---:|---:|---:|")
+  print(f"\n| batch {b}, {n} alternating rounds, img/s | ours | PyTorch {torch.__version__} eager float32"
+        f"{bf16_header} | ours / PyTorch float32 |")
+  print("|---|---:|---:|" + "---:|" * (1 + bool(bf16_header)))
   for part in ("train step", "forward"):
     mine = [b / r[part] for r in rounds]
     f32 = [b / t[part] for t in theirs["float32"]]
-    bf16 = [b / t[part] for t in theirs["bf16 autocast"]]
+    bf16 = f" | {span([b / t[part] for t in theirs['bf16 autocast']])}" if bf16_header else ""
     ratios = [m / t for m, t in zip(mine, f32)]  # round by round
-    print(f"| {part} | {span(mine)} | {span(f32)} | {span(bf16)} | {span(ratios)}x |")
+    print(f"| {part} | {span(mine)} | {span(f32)}{bf16} | {span(ratios)}x |")
+
+
+def cpu_has_bf16() -> bool:
+  """Whether the CPU has bfloat16 arithmetic units (Linux: /proc/cpuinfo's flags)."""
+  try:
+    flags = open("/proc/cpuinfo", encoding="utf-8").read()
+  except OSError:
+    return True  # not Linux: let the run show it
+  return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def accumulation_table(graphdef, tx, mesh, holder, batch, t_step, k, repeats):
