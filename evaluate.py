@@ -72,14 +72,16 @@ class Evaluator:
     """
     k, hw, seconds = self.k, ex.label.shape, Segmenter.new_seconds()
     conf = lambda pred: metrics.confusion_matrix(ex.label, pred, k)
-    out = {"whole image": conf(self.whole.segment(ex.image).label)}
+    # One whole-image forward serves the "whole image" row and the network-guided proposals.
+    logits = self.whole.net.whole_image(ex.image)  # [H, W, K]
+    out = {"whole image": conf(aggregate.softmax(logits).argmax(-1).astype(np.uint8))}
     to_refine = {}
     fcn_scores = self.fcn.whole_image(ex.image) if self.fcn is not None else None
     if fcn_scores is not None:
       out["FCN-8s"] = conf(fcn_scores.argmax(-1))
     for generator, segmenter in self.instance.items():
       name = variant_name(generator, len(self.instance))
-      maps, squares = segmenter.proposal_maps(ex.image, seconds, boxes)
+      maps, squares = segmenter.proposal_maps(ex.image, seconds, boxes, logits)
       scores = segmenter.combine(maps, squares, hw, seconds)
       out[name("DeconvNet")] = conf(scores.argmax(-1))
       for n in self.curve:  # proposals come best first: the top n are a prefix

@@ -96,17 +96,18 @@ class Segmenter:
     self.fcn = Network(fcn, fold=fold) if fcn is not None else None
     self.config = config
 
-  def proposal_maps(self, image: np.ndarray, seconds: dict,
-                    boxes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  def proposal_maps(self, image: np.ndarray, seconds: dict, boxes: np.ndarray | None = None,
+                    logits: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Network scores of the top-K proposals, best first: ([K, S, S, C], squares [K, 3]).
 
     boxes: [N, 4] (y0, x0, y1, x1), best first, from elsewhere (box_files.py); the
     top K are used as given. None: the proposal generator's.
+    logits: the image's whole-image logits [H, W, K] if the caller has them (see propose).
     """
     cfg, norm = self.config, self.net.config.input_norm
     start, network_before = time.perf_counter(), seconds["network"]
     if boxes is None:
-      boxes = self.propose(image, seconds)
+      boxes = self.propose(image, seconds, logits)
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)[:cfg.top_k]
     squares = np.array([context_square(b, cfg.context) for b in boxes], np.float64).reshape(-1, 3)
     s = cfg.input_size
@@ -124,17 +125,21 @@ class Segmenter:
     seconds["network"] += time.perf_counter() - start
     return scores, squares
 
-  def propose(self, image: np.ndarray, seconds: dict) -> np.ndarray:
-    """The configured generator's top-K boxes [K, 4] (y0, x0, y1, x1), best first."""
+  def propose(self, image: np.ndarray, seconds: dict, logits: np.ndarray | None = None) -> np.ndarray:
+    """The configured generator's top-K boxes [K, 4] (y0, x0, y1, x1), best first.
+
+    logits: the whole-image forward "network" and "mix" need, if already computed.
+    """
     cfg = self.config
     if cfg.proposals in proposals.GENERATORS:
       return proposals.propose(image, cfg.top_k, cfg.min_size, generator=cfg.proposals)[0]
     if cfg.proposals not in PROPOSALS:
       raise ValueError(f"unknown proposals {cfg.proposals!r}: one of {', '.join(PROPOSALS)}")
-    start = time.perf_counter()
-    prob = aggregate.softmax(self.net.whole_image(image))  # [H, W, K]
-    seconds["network"] += time.perf_counter() - start
-    network = proposals.network_boxes(prob)
+    if logits is None:
+      start = time.perf_counter()
+      logits = self.net.whole_image(image)  # [H, W, K]
+      seconds["network"] += time.perf_counter() - start
+    network = proposals.network_boxes(aggregate.softmax(logits))
     if cfg.proposals == "network":
       return network[0][:cfg.top_k]
     return proposals.mix(network, proposals.propose(image, cfg.top_k, cfg.min_size), cfg.top_k)[0]

@@ -270,6 +270,10 @@ def test_segmenter_network_proposals_follow_its_whole_image_forward(monkeypatch)
     _, squares = segmenter.proposal_maps(image, Segmenter.new_seconds())
     assert len(squares) == count
     np.testing.assert_allclose(squares[0], context_square(rect, 1.2))
+    # The caller's whole-image logits (evaluate.py has them) give the same proposals, with no forward.
+    monkeypatch.setattr(segmenter.net, "whole_image", lambda _: pytest.fail("forward run twice"))
+    _, given = segmenter.proposal_maps(image, Segmenter.new_seconds(), logits=np.log(prob + 1e-9))
+    np.testing.assert_array_equal(given, squares)
   # A forward that segments nothing gives no network proposals: an all-background map, no error.
   monkeypatch.setattr(segmenter.net, "whole_image", lambda _: np.log(blob_probabilities()[0] * 0 + 1e-9) * [
       -1, 1, 1, 1, 1, 1])
