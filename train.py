@@ -14,6 +14,8 @@ with it still win. Images are decoded on demand; the stage-1/2 item lists are
 computed once and cached in WORKDIR/items.
 
 Running again with the same --workdir resumes from its latest checkpoint.
+Ctrl-C or SIGTERM (a preempted VM) saves the current step and exits with 130 or
+143; an unreadable latest checkpoint is set aside and the one before it resumed.
 """
 
 import argparse
@@ -29,6 +31,7 @@ from deconvnet_jax.box_files import BoxFileError
 from deconvnet_jax.configs import DataConfig, TrainConfig
 from deconvnet_jax.data import sources
 from deconvnet_jax.labels import DataError
+from deconvnet_jax.locks import LockError
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -77,8 +80,14 @@ def parse_args(argv=None) -> TrainConfig:
   p.add_argument("--no-compilation-cache", dest="compilation_cache", action="store_const", const=None)
   p.add_argument("--multihost", action="store_true",
                  help="call jax.distributed.initialize() first (TPU pod slices, multi-node GPU; "
-                      "it reads the coordinator and process ids from the environment); "
-                      "implied when JAX_COORDINATOR_ADDRESS is set")
+                      "it reads the coordinator and process ids from the environment, or from "
+                      "--coordinator/--num-processes/--process-id); implied when JAX_COORDINATOR_ADDRESS "
+                      "or --coordinator is set")
+  p.add_argument("--coordinator", metavar="HOST:PORT",
+                 help="--multihost where no cluster manager tells JAX (plain GPU nodes): process 0's "
+                      "address, with --num-processes and --process-id")
+  p.add_argument("--num-processes", type=int, help="--multihost: how many processes in all")
+  p.add_argument("--process-id", type=int, help="--multihost: this process's index, 0 .. N-1")
   p.add_argument("--accumulate", type=int, default=d.accumulate, metavar="K",
                  help="gradient accumulation: K micro-batches of --batch-size per update")
   p.add_argument("--recipe", choices=sorted(recipes.RECIPES),
@@ -92,8 +101,8 @@ def parse_args(argv=None) -> TrainConfig:
   if recipe:
     p.set_defaults(**recipes.RECIPES[recipe].defaults())
   a = p.parse_args(argv)
-  if a.multihost or "JAX_COORDINATOR_ADDRESS" in os.environ:
-    jax.distributed.initialize()
+  if a.multihost or a.coordinator or "JAX_COORDINATOR_ADDRESS" in os.environ:
+    jax.distributed.initialize(a.coordinator, a.num_processes, a.process_id)
   if a.compilation_cache is not None:
     training.enable_compilation_cache(a.compilation_cache)
   data = sources.from_arguments(a, DataConfig())
@@ -119,14 +128,21 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 def main(argv=None) -> int:
+  """0: trained to the end; 2: an error, nothing lost (the message says why);
+  128 + the signal (130 Ctrl-C, 143 SIGTERM): stopped by it after saving the current step."""
   try:
     cfg = parse_args(argv)
-    record = train_loop.run(cfg)
-  except (checkpoints.CheckpointError, DataError, BoxFileError, train_loop.TrainError) as e:
+    result = train_loop.run(cfg)
+  except (checkpoints.CheckpointError, DataError, BoxFileError, train_loop.TrainError, LockError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"done: step {record.get('step')}; metrics in {cfg.workdir / 'metrics.jsonl'}, "
-        f"checkpoints in {cfg.workdir}")
+  except OSError as e:  # a full disk or a read-only folder outside the checkpoints (caches, config)
+    print(f"error: {e.filename}: {e.strerror}; the checkpoints already saved are intact" if e.filename
+          else f"error: {e}", file=sys.stderr)
+    return 2
+  if result.signal is not None:
+    return 128 + result.signal
+  print(f"done: step {result.step}; metrics in {cfg.workdir / 'metrics.jsonl'}, checkpoints in {cfg.workdir}")
   return 0
 
 

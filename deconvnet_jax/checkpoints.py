@@ -8,9 +8,12 @@ Orbax writes each step to a temporary directory and renames it when complete,
 so a killed run never leaves a half-written checkpoint behind.
 """
 
+import contextlib
 import dataclasses
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -18,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from deconvnet_jax.configs import ModelConfig
 from deconvnet_jax.models import build_model, set_variables
@@ -28,9 +32,20 @@ class CheckpointError(ValueError):
 
 
 def _manager(directory: Path, keep: int | None, create=True) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, cleanup_tmp_directories=create)
   return ocp.CheckpointManager(directory.absolute(), options=options,
                                item_names=("variables", "train", "meta"))
+
+
+ORBAX_TMP = ".orbax-checkpoint-tmp"  # the suffix of orbax's folders being written
+
+
+def _meta_args():
+  return ocp.args.Composite(meta=ocp.args.JsonRestore())
+
+
+def _brief(error: BaseException) -> str:
+  return f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
 
 
 class Checkpoints:
@@ -38,39 +53,110 @@ class Checkpoints:
 
   Two managers because orbax's best_fn alone would delete the newest checkpoint
   when it is not among the best, and resuming needs the newest.
+  A save that fails (a full disk, a read-only folder) raises CheckpointError and
+  leaves no temporary folder; the checkpoints written before it stay intact.
   """
 
   def __init__(self, workdir, keep: int = 3):
     self.workdir = Path(workdir)
     self.latest = _manager(self.workdir / "checkpoints", keep)
     self.best = _manager(self.workdir / "best", 1)
-    best = self.best.latest_step()
-    self.best_metric = (self.best.restore(best, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-                        .meta.get("metrics", {}).get("val_miou") if best is not None else None)
+    self.best_metric = None
+    self._saving: list[int] = []  # steps whose asynchronous writes may still fail
+    if (best := self.best.latest_step()) is not None:
+      try:
+        self.best_metric = self.best.restore(best, args=_meta_args()).meta.get("metrics", {}).get("val_miou")
+      except Exception as e:  # noqa: BLE001 - any unreadable file; the next best save replaces it
+        print(f"warning: {self.best.directory / str(best)} is unreadable ({_brief(e)}); "
+              "the next improving step replaces it", file=sys.stderr)
 
   def save(self, step: int, variables: dict, train: dict, meta: dict, metric: float | None = None):
     def args():
       return ocp.args.Composite(variables=ocp.args.StandardSave(variables),
                                 train=ocp.args.StandardSave(train), meta=ocp.args.JsonSave(meta))
 
-    self.latest.save(step, args=args(), force=True)
-    if metric is not None and (self.best_metric is None or metric > self.best_metric):
-      self.best_metric = metric
-      self.best.save(step, args=args(), force=True)
+    with self._failures(step):
+      self.latest.save(step, args=args(), force=True)
+      if metric is not None and (self.best_metric is None or metric > self.best_metric):
+        self.best_metric = metric
+        self.best.save(step, args=args(), force=True)
+
+  @contextlib.contextmanager
+  def _failures(self, step: int | None):
+    """Turns a failed write (now or in an earlier asynchronous save) into a CheckpointError."""
+    try:
+      if step is not None:  # orbax finishes one save before it starts the next
+        self._saving = self._saving[-1:] + [step]
+      yield
+    except Exception as e:  # noqa: BLE001 - orbax wraps OSError in several types
+      failed = ", ".join(str(s) for s in self._saving)
+      self._saving = []
+      for manager in (self.latest, self.best):
+        for tmp in Path(manager.directory).glob(f"*{ORBAX_TMP}*"):
+          shutil.rmtree(tmp, ignore_errors=True)
+      intact = [s for s in self.latest.all_steps(read=True) if (self.workdir / "checkpoints" / str(s)).is_dir()]
+      raise CheckpointError(
+          f"{self.workdir / 'checkpoints'}: could not write step {failed} ({_brief(e)}); "
+          + (f"the checkpoint of step {max(intact)} is intact" if intact else "no checkpoint was written")
+          + "; free space or make the folder writable, then run again to resume") from e
+    else:
+      if step is None:
+        self._saving = []
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
 
-  def restore(self, step: int, variables_target, train_target) -> tuple[dict, dict, dict]:
-    """(variables, train, meta) of `step`, laid out (and sharded) like the targets."""
-    restored = self.latest.restore(step, args=ocp.args.Composite(
-        variables=ocp.args.StandardRestore(variables_target),
-        train=ocp.args.StandardRestore(train_target), meta=ocp.args.JsonRestore()))
-    return restored.variables, restored.train, restored.meta
+  def restore_latest(self, variables_target, train_target, check=None) -> tuple[int, dict, dict, dict] | None:
+    """(step, variables, train, meta) of the newest checkpoint that reads, or None if there is none.
+
+    Unreadable newer ones (truncated, corrupt) are named in a warning and moved to
+    WORKDIR/corrupt/; if none reads, CheckpointError names each with its error.
+    `check(meta, path)` may raise CheckpointError to refuse one (another network).
+    """
+    failures = []
+    for step in sorted(self.latest.all_steps(), reverse=True):
+      path = self.workdir / "checkpoints" / str(step)
+      try:
+        meta = self.latest.restore(step, args=_meta_args()).meta
+      except Exception as e:  # noqa: BLE001 - any unreadable file
+        failures.append((step, e))
+        continue
+      if check is not None:
+        check(meta, path)
+      try:
+        restored = self.latest.restore(step, args=ocp.args.Composite(
+            variables=ocp.args.StandardRestore(variables_target),
+            train=ocp.args.StandardRestore(train_target), meta=ocp.args.JsonRestore()))
+      except Exception as e:  # noqa: BLE001
+        failures.append((step, e))
+        continue
+      self._set_aside(failures)
+      return step, restored.variables, restored.train, restored.meta
+    if failures:
+      raise CheckpointError(f"{self.workdir / 'checkpoints'}: no checkpoint reads: " + "; ".join(
+          f"step {s}: {_brief(e)}" for s, e in failures) + "; restore them from a copy, or use another --workdir")
+    return None
+
+  def _set_aside(self, failures):
+    """Moves unreadable checkpoints to WORKDIR/corrupt/, so new saves do not collide with their steps."""
+    if not failures:
+      return
+    if jax.process_index() == 0:
+      for step, error in failures:
+        src = self.workdir / "checkpoints" / str(step)
+        dst = self.workdir / "corrupt" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        src.rename(dst)
+        print(f"warning: {src} is unreadable ({_brief(error)}); moved it to {dst} and resumed from the "
+              "previous checkpoint", file=sys.stderr)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("deconvnet_jax: corrupt checkpoints set aside")
+    self.latest.reload()
 
   def wait(self):
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    with self._failures(None):
+      self.latest.wait_until_finished()
+      self.best.wait_until_finished()
 
   def close(self):
     self.latest.close()
@@ -90,15 +176,27 @@ def _step_dir(path: Path) -> tuple[Path, int]:
                         "checkpoints/ or best/ folder, or one step folder in them)")
 
 
+@contextlib.contextmanager
+def _reading(directory: Path, step: int):
+  """An orbax manager over `directory`; a checkpoint that fails to read raises CheckpointError naming it."""
+  try:
+    with _manager(directory, None, create=False) as manager:
+      yield manager
+  except CheckpointError:
+    raise
+  except Exception as e:  # noqa: BLE001 - truncated or corrupt files raise many types
+    raise CheckpointError(f"{directory / str(step)}: unreadable checkpoint ({_brief(e)})") from e
+
+
 def read_meta(path) -> dict:
   directory, step = _step_dir(path)
-  with _manager(directory, None, create=False) as manager:
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  with _reading(directory, step) as manager:
+    return manager.restore(step, args=_meta_args()).meta
 
 
-def check_same_model(path, config: ModelConfig):
-  """Refuses to resume a checkpoint of another network with an error naming what differs."""
-  saved = read_meta(path)["model"]
+def check_same_model(meta: dict, config: ModelConfig, path):
+  """Refuses to resume a checkpoint (its `meta`, read from `path`) of another network, naming what differs."""
+  saved = meta["model"]
   shape_fields = ("arch", "num_classes", "width", "fc_dim", "fc_kernel", "batch_norm")
   diff = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(config, k)!r}"
           for k in shape_fields if saved.get(k) != getattr(config, k)]
@@ -110,7 +208,7 @@ def check_same_model(path, config: ModelConfig):
 def restore_variables(path) -> tuple[dict, dict]:
   """(variables as NumPy nested dicts, meta) of a checkpoint; no model needed."""
   directory, step = _step_dir(path)
-  with _manager(directory, None, create=False) as manager:
+  with _reading(directory, step) as manager:
     restored = manager.restore(step, args=ocp.args.Composite(
         variables=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
   return restored.variables, restored.meta

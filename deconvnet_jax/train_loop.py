@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -12,15 +13,17 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from deconvnet_jax import (boxes, checkpoints, class_weights, configs, edge_boxes, metrics, proposals, recipes,
-                           training)
+from deconvnet_jax import (boxes, checkpoints, class_weights, configs, edge_boxes, locks, metrics, proposals,
+                           recipes, training)
 from deconvnet_jax.box_files import BoxFiles
 from deconvnet_jax.configs import TrainConfig
 from deconvnet_jax.data import examples as ex_lib
 from deconvnet_jax.data import pipeline, sources
 from deconvnet_jax.data import items as items_lib
+from deconvnet_jax.images import atomic_path
 from deconvnet_jax.labels import DataError
 from deconvnet_jax.models import build_model, min_input_size, set_variables
 
@@ -147,12 +150,13 @@ def _variables(state) -> dict:
 
 
 def initial_state(cfg: TrainConfig, ckpt: checkpoints.Checkpoints, mesh, tx):
-  """(graphdef, replicated TrainState, start step): resumed from the work dir, --init-from, or fresh."""
+  """(graphdef, replicated TrainState, start step): resumed from the work dir, --init-from, or fresh.
+
+  Resuming takes the newest checkpoint that reads; unreadable newer ones are set aside with a warning.
+  """
   model = build_model(cfg.model, cfg.seed)
-  start_step = ckpt.latest_step() or 0
-  if start_step:
-    checkpoints.check_same_model(cfg.workdir / "checkpoints", cfg.model)
-  elif cfg.init_from is not None:
+  resume = ckpt.latest_step() is not None
+  if not resume and cfg.init_from is not None:
     variables, meta = checkpoints.restore_variables(cfg.init_from)
     try:
       set_variables(model, variables, source=str(cfg.init_from))
@@ -162,15 +166,19 @@ def initial_state(cfg: TrainConfig, ckpt: checkpoints.Checkpoints, mesh, tx):
   graphdef, state = training.init_train_state(model, tx)
   del model
   state = training.replicate(state, mesh)
-  if start_step:
-    variables, train, _ = ckpt.restore(start_step, _variables(state), {"opt_state": state.opt_state,
-                                                                       "step": state.step})
-    params, stats = state.params, state.batch_stats
-    nnx.replace_by_pure_dict(params, variables["params"])
-    nnx.replace_by_pure_dict(stats, variables["batch_stats"])
-    state = training.replicate(training.TrainState(params, stats, train["opt_state"], train["step"]), mesh)
-    print(f"resuming from {cfg.workdir / 'checkpoints' / str(start_step)}")
-  return graphdef, state, start_step
+  if not resume:
+    return graphdef, state, 0
+  check = lambda meta, path: checkpoints.check_same_model(meta, cfg.model, path)
+  restored = ckpt.restore_latest(_variables(state), {"opt_state": state.opt_state, "step": state.step}, check)
+  if restored is None:
+    return graphdef, state, 0
+  step, variables, train, _ = restored
+  params, stats = state.params, state.batch_stats
+  nnx.replace_by_pure_dict(params, variables["params"])
+  nnx.replace_by_pure_dict(stats, variables["batch_stats"])
+  state = training.replicate(training.TrainState(params, stats, train["opt_state"], train["step"]), mesh)
+  print(f"resuming from {cfg.workdir / 'checkpoints' / str(step)}")
+  return graphdef, state, step
 
 
 def check_settings(cfg: TrainConfig, mesh) -> None:
@@ -187,72 +195,132 @@ def check_settings(cfg: TrainConfig, mesh) -> None:
 
 
 @contextlib.contextmanager
-def sigint_flag():
-  """Yields a list that Ctrl-C appends to (instead of raising), so the loop can save and stop."""
-  interrupted: list[bool] = []
-  previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+def stop_signals():
+  """Yields a list that SIGINT (Ctrl-C) and SIGTERM (preemption) append their number to, instead of
+  stopping the process, so the loop can save and stop.
+
+  On several hosts SIGTERM is left to JAX's preemption service (see `preempted`), and Ctrl-C stops
+  the host it reaches, as usual: one host cannot save alone.
+  """
+  received: list[int] = []
+  handled = [signal.SIGINT, signal.SIGTERM] if jax.process_count() == 1 else []
+  previous = {s: signal.signal(s, lambda signum, _: received.append(signum)) for s in handled}
   try:
-    yield interrupted
+    yield received
   finally:
-    signal.signal(signal.SIGINT, previous)
+    for s, handler in previous.items():
+      signal.signal(s, handler)
 
 
-def run(cfg: TrainConfig) -> dict:
-  """Trains (resuming from cfg.workdir if it holds checkpoints); returns the last metrics."""
+def preempted(step: int) -> bool:
+  """On several hosts: whether all of them reached the step JAX's preemption service chose to save at.
+
+  Every host calls this after every step; when any host gets SIGTERM, they agree on the next step
+  (see jax.experimental.multihost_utils.reached_preemption_sync_point).
+  """
+  if jax.process_count() == 1:
+    return False
+  try:
+    return multihost_utils.reached_preemption_sync_point(step)
+  except RuntimeError:  # the preemption service is off (jax_enable_preemption_service)
+    return False
+
+
+@dataclasses.dataclass
+class Result:
+  """What run() ends with: the last step, its metrics, and the signal that stopped it (None if it finished)."""
+  step: int
+  record: dict
+  signal: int | None = None
+
+
+def append_line(path: Path, line: str) -> None:
+  """Appends one line, or nothing: a failed write (a full disk) is cut back off before the error."""
+  with open(path, "a", encoding="utf-8") as f:
+    size = f.tell()
+    try:
+      f.write(line + "\n")
+      f.flush()
+    except OSError as e:
+      with contextlib.suppress(OSError):
+        os.truncate(path, size)
+      raise TrainError(f"{path}: cannot write the metrics line ({e.strerror}); the checkpoints in "
+                       f"{path.parent / 'checkpoints'} are intact; free space, then run again to resume") from e
+
+
+def run(cfg: TrainConfig) -> Result:
+  """Trains (resuming from cfg.workdir if it holds checkpoints) until done or stopped by a signal.
+
+  The work dir is locked for the run (another train.py there is refused, naming its pid).
+  """
   t_start = time.perf_counter()
   cfg, train_set, val_set = open_data(cfg)
   mesh = training.make_mesh()
   check_settings(cfg, mesh)
+  lock = (locks.folder_lock(cfg.workdir, "train.py", "choose another --workdir")
+          if jax.process_index() == 0 else contextlib.nullcontext())
+  with lock:
+    ckpt = checkpoints.Checkpoints(cfg.workdir, cfg.keep)
+    try:
+      return _train(cfg, train_set, val_set, mesh, ckpt, t_start)
+    finally:
+      with contextlib.suppress(Exception):  # a failed save has raised already
+        ckpt.close()
+
+
+def _train(cfg: TrainConfig, train_set, val_set, mesh, ckpt, t_start) -> Result:
   step_batch = cfg.batch_size * cfg.accumulate  # examples per update
   tx = training.make_optimizer(cfg.optim)
-  ckpt = checkpoints.Checkpoints(cfg.workdir, cfg.keep)
-  try:
-    graphdef, state, step = initial_state(cfg, ckpt, mesh, tx)
-    num_items, batches = training_batches(cfg, train_set, step_batch, step, cfg.workdir / "items")
-    step_fn = training.jit_train_step(graphdef, tx, mesh, micro_batches=cfg.accumulate,
-                                      loss=loss_config(cfg, train_set, train_set.class_names))
-    forward = training.jit_eval_logits(graphdef, mesh)
-    meta = checkpoints.model_meta(cfg.model, train_set.class_names, train_config=configs.to_json(cfg))
-    cfg.workdir.mkdir(parents=True, exist_ok=True)
-    (cfg.workdir / "config.json").write_text(json.dumps(meta, indent=2))
-    print(f"model {cfg.model_name}; {mesh.size} {jax.devices()[0].platform} device(s); work dir {cfg.workdir}")
-    if cfg.accumulate > 1:
-      print(f"gradient accumulation: {cfg.accumulate} micro-batches of {cfg.batch_size} per step "
-            f"(effective batch {step_batch})")
-    total = cfg.steps if cfg.epochs is None else math.ceil(cfg.epochs * num_items / step_batch)
-    if cfg.recipe:
-      print(recipes.describe(cfg.recipe, cfg.model, cfg.crop, step_batch, total))
-    evaluate_now = lambda state: evaluate(forward, state, val_set, cfg.batch_size, cfg.model.input_norm,
-                                          train_set.class_names)
-    record: dict = {}
-    start_step, t0 = step, time.perf_counter()
-    with (open(cfg.workdir / "metrics.jsonl", "a", encoding="utf-8") as log, sigint_flag() as interrupted,
-          tqdm(total=total, initial=step, desc="train", dynamic_ncols=True) as bar):
-      while step < total and not interrupted:
-        state, m = step_fn(state, training.global_batch(next(batches), mesh))
-        step += 1
-        bar.update(1)
-        if step == start_step + 1:
-          jax.block_until_ready(m)
-          bar.write(f"first step done {time.perf_counter() - t_start:.1f} s after the start")
-        last = step == total
-        if step % 10 == 0 or last or step % cfg.save_every == 0:
-          rate = (step - start_step) * step_batch / (time.perf_counter() - t0)
-          record = _step_record(cfg, step, m, rate)
-          bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{rate:.1f}")
-          if step % cfg.eval_every == 0 or last:
-            record |= evaluate_now(state)
-            _report(bar, record, train_set.class_names)
-          log.write(json.dumps(record) + "\n")
-          log.flush()
-        if step % cfg.save_every == 0 or last or interrupted:
-          _save(ckpt, state, step, meta, record)
-    if interrupted:
-      print(f"\ninterrupted: saved step {step} in {cfg.workdir / 'checkpoints'}; run again to resume")
-  finally:
+  graphdef, state, step = initial_state(cfg, ckpt, mesh, tx)
+  num_items, batches = training_batches(cfg, train_set, step_batch, step, cfg.workdir / "items")
+  step_fn = training.jit_train_step(graphdef, tx, mesh, micro_batches=cfg.accumulate,
+                                    loss=loss_config(cfg, train_set, train_set.class_names))
+  forward = training.jit_eval_logits(graphdef, mesh)
+  meta = checkpoints.model_meta(cfg.model, train_set.class_names, train_config=configs.to_json(cfg))
+  if jax.process_index() == 0:
+    with atomic_path(cfg.workdir / "config.json") as tmp:
+      Path(tmp).write_text(json.dumps(meta, indent=2))
+  print(f"model {cfg.model_name}; {mesh.size} {jax.devices()[0].platform} device(s); work dir {cfg.workdir}")
+  if cfg.accumulate > 1:
+    print(f"gradient accumulation: {cfg.accumulate} micro-batches of {cfg.batch_size} per step "
+          f"(effective batch {step_batch})")
+  total = cfg.steps if cfg.epochs is None else math.ceil(cfg.epochs * num_items / step_batch)
+  if cfg.recipe:
+    print(recipes.describe(cfg.recipe, cfg.model, cfg.crop, step_batch, total))
+  if step >= total:
+    print(f"nothing to train: the work dir's checkpoint is at step {step} of {total}; raise --steps "
+          "(or --epochs) to go on")
+  evaluate_now = lambda state: evaluate(forward, state, val_set, cfg.batch_size, cfg.model.input_norm,
+                                        train_set.class_names)
+  record: dict = {}
+  start_step, t0 = step, time.perf_counter()
+  with (stop_signals() as received, tqdm(total=total, initial=step, desc="train", dynamic_ncols=True) as bar):
+    while step < total and not received:
+      state, m = step_fn(state, training.global_batch(next(batches), mesh))
+      step += 1
+      bar.update(1)
+      if step == start_step + 1:
+        jax.block_until_ready(m)
+        bar.write(f"first step done {time.perf_counter() - t_start:.1f} s after the start")
+      if preempted(step):
+        received.append(signal.SIGTERM)
+      last = step == total
+      if step % 10 == 0 or last or step % cfg.save_every == 0:
+        rate = (step - start_step) * step_batch / (time.perf_counter() - t0)
+        record = _step_record(cfg, step, m, rate)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{rate:.1f}")
+        if step % cfg.eval_every == 0 or last:
+          record |= evaluate_now(state)
+          _report(bar, record, train_set.class_names)
+        if jax.process_index() == 0:
+          append_line(cfg.workdir / "metrics.jsonl", json.dumps(record))
+      if (step % cfg.save_every == 0 or last or received) and step > start_step:
+        _save(ckpt, state, step, meta, record)
     ckpt.wait()
-    ckpt.close()
-  return record
+  if received:
+    name = signal.Signals(received[0]).name
+    print(f"\nstopped by {name}: saved step {step} in {cfg.workdir / 'checkpoints'}; run again to resume")
+  return Result(step, record, received[0] if received else None)
 
 
 def _step_record(cfg: TrainConfig, step: int, metrics_: dict, rate: float) -> dict:

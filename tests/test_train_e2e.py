@@ -4,6 +4,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -161,22 +162,30 @@ def test_mismatched_workdir_and_init_from_are_clear_errors(data, tmp_path, capsy
                    r"the model expects \(16, 16, 3, 3\).*another class count or width", capsys.readouterr().err)
 
 
-def _train_process(data, workdir, steps, devices=1, **popen):
+def _train_argv(data, workdir, steps, save_every=1, batch_size=8):
+  return ["--data", str(data), "--workdir", str(workdir), "--steps", str(steps), "--crop", "64",
+          "--batch-size", str(batch_size), "--eval-every", "1000", "--save-every", str(save_every)]
+
+
+def _train_process(data, workdir, steps, devices=1, save_every=1, extra=(), env=(), **popen):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  argv = [sys.executable, str(ROOT / "train.py"), "--data", str(data), "--workdir", str(workdir),
-          "--steps", str(steps), "--crop", "64", "--batch-size", "8", "--eval-every", "1000",
-          "--save-every", "1"]
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **dict(env))
+  argv = [sys.executable, str(ROOT / "train.py"), *_train_argv(data, workdir, steps, save_every), *extra]
   return subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, **popen)
+
+
+def _wait_for(path, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline and not path.exists():
+    time.sleep(0.1)
+  assert path.exists(), f"{path} did not appear in {timeout} s"
 
 
 def test_kill_9_loses_no_checkpoint_and_resume_works_on_8_devices(data, tmp_path):
   """SIGKILL mid-run leaves only complete checkpoints; another device count resumes them."""
   proc = _train_process(data, tmp_path, 200)
-  deadline = time.time() + 300
-  while time.time() < deadline and not (tmp_path / "checkpoints" / "3").is_dir():
-    time.sleep(0.2)
+  _wait_for(tmp_path / "checkpoints" / "3")
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
@@ -188,7 +197,47 @@ def test_kill_9_loses_no_checkpoint_and_resume_works_on_8_devices(data, tmp_path
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out[-3000:]
   assert f"resuming from {tmp_path / 'checkpoints' / str(steps[-1])}" in out
+  assert "taking over the lock left by train.py" in out  # kill -9 left its lock file behind
   assert checkpoints.read_meta(tmp_path / "checkpoints")["step"] == steps[-1] + 2
+
+
+def test_sigterm_saves_the_current_step_and_the_resumed_run_is_bit_identical(data, tmp_path):
+  """Preemption: SIGTERM between regular saves saves the step reached, exits 143, resumes exactly."""
+  proc = _train_process(data, tmp_path / "b", 1000, save_every=1000)
+  _wait_for(tmp_path / "b" / "metrics.jsonl")  # step 10 is done: compiled and stepping
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 143, out[-3000:]
+  stopped = checkpoints.read_meta(tmp_path / "b" / "checkpoints")["step"]
+  assert stopped >= 10 and f"stopped by SIGTERM: saved step {stopped}" in out
+  assert train.main(_train_argv(data, tmp_path / "b", stopped + 2, save_every=1000)) == 0
+  assert train.main(_train_argv(data, tmp_path / "a", stopped + 2, save_every=1000)) == 0  # never stopped
+  a, _ = checkpoints.restore_variables(tmp_path / "a" / "checkpoints")
+  b, _ = checkpoints.restore_variables(tmp_path / "b" / "checkpoints")
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_sigterm_to_one_of_two_hosts_saves_the_same_step_on_both(data, tmp_path):
+  """Two processes (JAX's multi-host runtime on CPU): SIGTERM reaches one; JAX's preemption sync
+  point makes both save one step and exit 143."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  procs = [_train_process(data, tmp_path, 1000, save_every=1000, env={"JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"},
+                          extra=["--batch-size", "2", "--coordinator", f"localhost:{port}",
+                                 "--num-processes", "2", "--process-id", str(i)]) for i in range(2)]
+  try:
+    _wait_for(tmp_path / "metrics.jsonl", timeout=400)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  saved = [int(m) for out in outs for m in re.findall(r"stopped by SIGTERM: saved step (\d+)", out)]
+  assert [p.returncode for p in procs] == [143, 143], outs[0][-2000:] + outs[1][-2000:]
+  assert len(saved) == 2 and saved[0] == saved[1] >= 10
+  assert checkpoints.read_meta(tmp_path / "checkpoints")["step"] == saved[0]
 
 
 def test_evaluate_scores_the_variants_with_the_shared_metric(data, tmp_path, capsys):
