@@ -9,7 +9,10 @@ CRF (in parallel processes). For each image it writes OUT/NAME.png (VOC-palette
 class indices, readable by VOC tools) and OUT/NAME_overlay.jpg, optionally
 OUT/NAME_prob.npy; at the end OUT/index.html, a gallery with a class legend.
 Files that fail are reported and the rest go on; the exit status is 1 if any
-failed. Existing outputs are kept unless --overwrite. BatchNorm is folded into
+failed. Existing outputs are kept unless --overwrite, so a run killed midway
+finishes the rest when run again. One infer.py at a time writes into an output
+folder (a second is refused, naming the first's pid); a full disk stops the run
+with exit status 2 and no half-written file. BatchNorm is folded into
 the convolutions on load (the same function, fewer ops; --no-fold keeps it); a
 checkpoint folded by `batchnorm.py fold` loads as it is.
 """
@@ -29,6 +32,7 @@ from deconvnet_jax import checkpoints, configs, crf
 from deconvnet_jax.box_files import BoxFileError, BoxFiles
 from deconvnet_jax.images import IMAGE_SUFFIXES, ImageError, load_rgb, save_atomic, save_npy_atomic
 from deconvnet_jax.inference import PROPOSALS, PROPOSALS_HELP, InferenceConfig, Segmenter
+from deconvnet_jax.locks import LockError, folder_lock
 from deconvnet_jax.data.voc import read_index_png
 from deconvnet_jax.viz import error_map, gallery_html, overlay, palette_image
 
@@ -150,6 +154,22 @@ def main(argv=None) -> int:
   if config.crf:
     crf.check_available()
 
+  try:
+    with folder_lock(args.output, "infer.py", "choose another --output"):
+      return segment_all(args, inputs, segmenter, config, box_source, meta)
+  except LockError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:  # a full disk or a read-only folder: every later image would fail the same way
+    done = sum(1 for _, name in inputs if (args.output / name.parent / f"{name.name}.png").exists())
+    print(f"error: {e.filename or args.output}: cannot write ({e.strerror or e}); {done} of {len(inputs)} "
+          "images have complete outputs, and no file is half-written; free space, then run again to finish "
+          "the rest", file=sys.stderr)
+    return 2
+
+
+def segment_all(args, inputs, segmenter, config, box_source, meta) -> int:
+  """Segments `inputs` into args.output: the loop behind main, with the CRF in a process pool."""
   failed, done, skipped, entries = [], [], 0, []
   totals = dict.fromkeys(("proposals", "network", "aggregation", "crf"), 0.0)
   # Spawned, not forked: this process holds XLA's threads.

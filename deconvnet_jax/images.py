@@ -37,6 +37,13 @@ def load_rgb(path) -> np.ndarray:
     raise ImageError(f"{path}: not a readable image ({e})") from e
 
 
+def _umask() -> int:
+  """The process's umask (os.umask can only be read by setting it)."""
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path):
   """Yields a temporary path beside `path`, renamed onto it only if the block succeeds:
@@ -47,6 +54,7 @@ def atomic_path(path):
   os.close(fd)
   try:
     yield tmp
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the outputs from other users
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)

@@ -236,11 +236,10 @@ class Result:
 
 def append_line(path: Path, line: str) -> None:
   """Appends one line, or nothing: a failed write (a full disk) is cut back off before the error."""
-  with open(path, "a", encoding="utf-8") as f:
-    size = f.tell()
+  with open(path, "ab", buffering=0) as f:  # unbuffered: closing has nothing left to write
+    size = f.seek(0, os.SEEK_END)
     try:
-      f.write(line + "\n")
-      f.flush()
+      f.write((line + "\n").encode())
     except OSError as e:
       with contextlib.suppress(OSError):
         os.truncate(path, size)
