@@ -226,3 +226,14 @@ def test_stage2_items_from_each_generator_are_cached_apart(roots, tmp_path):
   assert len(list(cache.glob("items-*.npz"))) == 2  # one cache entry per generator
   with pytest.raises(train_loop.TrainError, match="--proposals 'network': stage 2 takes one of"):
     train_loop.check_settings(dataclasses.replace(cfg, proposals="network"), training.make_mesh())
+
+
+def test_the_generated_dataset_names_its_shapes_and_a_bad_names_file_is_named(tmp_path):
+  from deconvnet_jax.data import generated
+  root = generated.generate(tmp_path / "gen", num_train=2, num_val=1, seed=0, image_size=(32, 32))
+  split = sources.open_split(DataConfig(root=root), "train")
+  assert split.class_names[:2] == ("background", "triangle") and len(split.class_names) == 21
+  assert {split.class_names[c] for c in generated.CLASSES} == {"triangle", "rectangle", "ellipse", "cross", "ring"}
+  (root / "class_names.txt").write_text("background\n\ncat\n")
+  with pytest.raises(DataError, match=r"class_names.txt: expected one class name per line"):
+    sources.open_split(DataConfig(root=root), "train")

@@ -32,13 +32,31 @@ TRAIN_AUG = "train_aug"
 DEFAULT_DATA = Path("data/generated")  # written on first use when no dataset is named
 
 
+CLASS_NAMES_FILE = "class_names.txt"
+
+
+def folder_class_names(root, num_classes: int) -> tuple[str, ...]:
+  """ROOT/class_names.txt (a name per line, line i naming class i, as the generated dataset writes),
+  else VOC's names."""
+  path = Path(root) / CLASS_NAMES_FILE
+  if not path.is_file():
+    return VOC_CLASSES[:num_classes]
+  try:
+    names = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+  except (OSError, UnicodeDecodeError) as e:
+    raise DataError(f"{path}: cannot read the class names ({e})") from e
+  if not names or "" in names:
+    raise DataError(f"{path}: expected one class name per line, line i naming class i, without blank lines")
+  return names
+
+
 class FolderSplit(Sequence):
   """Images of VOC-layout and SBD folders: items (source, image id), source "voc" or "sbd"."""
 
   def __init__(self, name: str, roots: dict[str, Path], items: list[tuple[str, str]],
                num_classes: int = len(VOC_CLASSES)):
     self.name, self.roots, self.items, self.num_classes = name, roots, items, num_classes
-    self.class_names = VOC_CLASSES[:num_classes]
+    self.class_names = folder_class_names(roots["voc"], num_classes)
 
   def __len__(self) -> int:
     return len(self.items)
