@@ -224,7 +224,7 @@ def segment_all(args, inputs, segmenter, config, box_source, meta) -> int:
     if pool is not None:
       pool.shutdown(cancel_futures=True)
 
-  gallery_html(args.output, entries, meta["class_names"])
+  gallery_html(args.output, entries, meta["class_names"], failed, errors=args.ground_truth is not None)
   n = max(len(done), 1)
   split = ", ".join(f"{k} {v / n:.2f}" for k, v in totals.items())
   print(f"{len(done)} segmented, {skipped} skipped (outputs exist; --overwrite to redo), "

@@ -37,12 +37,16 @@ def error_map(image: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> np.ndar
 def legend_html(class_ids, class_names) -> str:
   cmap = voc_colormap()
   return " ".join(
-      f'<span class="swatch" style="background:rgb{tuple(int(c) for c in cmap[i])}"></span>'
-      f"{html.escape(class_names[i])}" for i in class_ids if i < len(class_names))
+      f'<span class="class"><span class="swatch" style="background:rgb{tuple(int(c) for c in cmap[i])}">'
+      f"</span>{html.escape(class_names[i])}</span>" for i in class_ids if i < len(class_names))
 
 
-def gallery_html(out_dir, names, class_names) -> Path:
-  """OUT/index.html: per image its overlay, its label map and the classes found, then a legend."""
+def gallery_html(out_dir, names, class_names, failures=(), errors: bool = False) -> Path:
+  """OUT/index.html: per image its overlay, label map, error map (with `errors`: ground truth was given),
+  the classes found and links to its files; then the files that failed, with their reasons.
+
+  Images scale with the window (a fixed-layout table at 100% width): no horizontal scrolling.
+  """
   out_dir = Path(out_dir)
   rows = []
   for name in names:
@@ -52,20 +56,26 @@ def gallery_html(out_dir, names, class_names) -> Path:
     with Image.open(label_path) as im:
       present = [int(i) for i in np.unique(np.asarray(im)) if i != 255]
     href = lambda suffix: urllib.parse.quote(f"{Path(name).as_posix()}{suffix}")
-    error = (f'<td><img src="{href("_error.png")}"></td>'
-             if (out_dir / f"{name}_error.png").exists() else "<td></td>")
-    rows.append(
-        f'<tr><td>{html.escape(str(name))}</td><td><img src="{href("_overlay.jpg")}"></td>'
-        f'<td><img src="{href(".png")}"></td>{error}<td>{legend_html(present, class_names)}</td></tr>')
+    image = lambda suffix: f'<td><a href="{href(suffix)}"><img src="{href(suffix)}" alt=""></a></td>'
+    files = [s for s in (".png", "_overlay.jpg", "_error.png", "_prob.npy") if (out_dir / f"{name}{s}").exists()]
+    links = " ".join(f'<a href="{href(s)}">{html.escape(s.lstrip("_").lstrip("."))}</a>' for s in files)
+    error = (image("_error.png") if (out_dir / f"{name}_error.png").exists() else "<td></td>") if errors else ""
+    rows.append(f'<tr><td>{html.escape(str(name))}<br><small>{links}</small></td>{image("_overlay.jpg")}'
+                f'{image(".png")}{error}<td>{legend_html(present, class_names)}</td></tr>')
+  failed = "".join(f"<li>{html.escape(str(message))}</li>" for message in failures)
+  columns = ['<col style="width:14%">', "<col>", "<col>", *(["<col>"] if errors else []),
+             '<col style="width:16%">']
   page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>deconvnet_jax: {len(rows)} images</title>
-<style>body{{font-family:sans-serif;margin:1em}} img{{max-width:420px;max-height:320px}}
-td{{padding:4px;vertical-align:top}} .swatch{{display:inline-block;width:12px;height:12px;
-margin:0 4px 0 10px;border:1px solid #555}}</style></head><body>
-<h1>{len(rows)} segmented images</h1>
+<style>body{{font-family:sans-serif;margin:1em}} table{{width:100%;table-layout:fixed;border-collapse:collapse}}
+img{{width:100%;height:auto;max-height:480px;object-fit:contain}} td{{padding:4px;vertical-align:top;
+overflow-wrap:anywhere}} .swatch{{display:inline-block;width:12px;height:12px;margin:0 4px 0 10px;
+border:1px solid #555}} .class{{white-space:nowrap}} .failed{{color:#a00}}</style></head><body>
+<h1>{len(rows)} segmented images{f", {len(failures)} failed" if failures else ""}</h1>
 <p>Legend: {legend_html(range(len(class_names)), class_names)}</p>
-<p>Errors (when ground truth was given): red wrong, green right, grey void.</p>
-<table><tr><th>image</th><th>overlay</th><th>classes (VOC palette)</th><th>errors</th><th>found</th></tr>
+{"<p>Errors: red wrong, green right, grey void.</p>" if errors else ""}
+{f'<h2 class="failed">{len(failures)} failed</h2><ul class="failed">{failed}</ul>' if failures else ""}
+<table>{"".join(columns)}<tr><th>image</th><th>overlay</th><th>classes (VOC palette)</th>{"<th>errors</th>" if errors else ""}<th>found</th></tr>
 {chr(10).join(rows)}
 </table></body></html>
 """

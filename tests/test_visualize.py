@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
 from deconvnet_jax.configs import model_config
 from deconvnet_jax.models import DECODER_ACTIVATIONS, DECODER_PLAN, build_model
@@ -55,3 +56,21 @@ def test_activation_grid(run):
   assert grid.dtype == np.uint8
   assert grid.shape == (len(acts) * (32 + 2), 100 + 3 * (32 + 2), 3)
   assert grid[:, 100:].std() > 0  # panels are not blank
+
+
+def test_gallery_lists_failures_links_files_and_shows_errors_only_with_ground_truth(tmp_path):
+  from deconvnet_jax.viz import gallery_html, palette_image
+  label = np.zeros((8, 12), np.uint8)
+  label[2:5, 3:9] = 15
+  for name in ("a", "b&c"):
+    palette_image(label).save(tmp_path / f"{name}.png")
+    Image.fromarray(np.zeros((8, 12, 3), np.uint8)).save(tmp_path / f"{name}_overlay.jpg")
+  names = [f"n{i}" for i in range(21)]
+  page = gallery_html(tmp_path, ["a", "b&c", "missing"], names, ["x.jpg: not a readable image"]).read_text()
+  assert "2 segmented images, 1 failed" in page and "<li>x.jpg: not a readable image</li>" in page
+  assert "errors</th>" not in page and "red wrong" not in page  # no ground truth: no error column
+  assert '<a href="b%26c_overlay.jpg">' in page and '<a href="a.png">png</a>' in page and "n15" in page
+  assert "table-layout:fixed" in page and "width:100%" in page  # scales to the window
+  (tmp_path / "a_error.png").write_bytes((tmp_path / "a.png").read_bytes())
+  page = gallery_html(tmp_path, ["a", "b&c"], names, errors=True).read_text()
+  assert "<th>errors</th>" in page and '<img src="a_error.png"' in page and "<li>" not in page
