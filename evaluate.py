@@ -10,7 +10,9 @@ Variants: whole-image forward, DeconvNet (instance-wise), DeconvNet+CRF, and wit
 DeconvNet mIoU for each number of proposals per image (the paper's figure). The
 confusion matrix is the VOC devkit's (255 ignored, mean over classes present).
 Per-image results are cached (per set of settings), so an interrupted run resumes where it stopped.
-Writes results.md / results.json (and curve.png) to --output (default: the checkpoint).
+Writes to --output (default: the checkpoint) results.md (mIoU, pixel accuracy, mean
+class accuracy, frequency-weighted IoU, per-class IoU), results.json, confusion/VARIANT.png
+and .json (the row-normalised confusion matrix, and its counts), and curve.png.
 """
 
 import argparse
@@ -28,7 +30,7 @@ from deconvnet_jax.data import sources
 from deconvnet_jax.images import atomic_path, save_atomic
 from deconvnet_jax.inference import PROPOSALS, PROPOSALS_HELP, InferenceConfig, Segmenter
 from deconvnet_jax.labels import DataError, Example
-from deconvnet_jax.plots import line_plot
+from deconvnet_jax.plots import confusion_plot, line_plot
 
 PAPER = {"FCN-8s": 62.2, "DeconvNet": 69.6, "DeconvNet+CRF": 70.5, "EDeconvNet": 71.7,
          "EDeconvNet+CRF": 72.5}  # VOC 2012 test, mean IoU % (SPEC.md section 5)
@@ -169,18 +171,14 @@ def evaluate(args) -> int:
     with np.load(cache / f"{image_id}.npz") as confs:
       for name in confs.files:
         totals[name] = totals.get(name, 0) + confs[name]
-  rows = {name: {"miou": metrics.mean_iou(c), "pixel_acc": metrics.pixel_accuracy(c),
-                 "iou": [None if np.isnan(x) else round(float(x), 4) for x in metrics.iou_per_class(c)]}
-          for name, c in totals.items()}
-  lines = ["| variant | mIoU % | pixel acc % | paper (VOC 2012 test) |", "|---|---:|---:|---:|"]
-  for name, r in rows.items():
-    lines.append(f"| {name} | {100 * r['miou']:.1f} | {100 * r['pixel_acc']:.1f} | {PAPER.get(name, '')} |")
-  table = "\n".join(lines)
+  rows = {name: metrics.summary(c) for name, c in totals.items()}
+  table = results_table(rows)
   print(f"{len(ids)} images of {ds.name}\n{table}")
-  (out_dir / "results.md").write_text(table + "\n")
-  (out_dir / "results.json").write_text(json.dumps(
+  write_text(out_dir / "results.md", table + "\n\n" + class_table(rows, meta["class_names"]) + "\n")
+  write_text(out_dir / "results.json", json.dumps(
       {"split": split, "data": ds.name, "images": len(ids), "variants": rows, "class_names": meta["class_names"]},
       indent=2))
+  write_confusion(out_dir / "confusion", totals, meta["class_names"], ds.name)
   if args.curve:
     xs = sorted(args.curve)
     series = {g: [100 * rows[variant_name(g, len(args.proposals))("DeconvNet", n)]["miou"] for n in xs]
@@ -188,6 +186,41 @@ def evaluate(args) -> int:
     save_atomic(line_plot(xs, series, f"DeconvNet mIoU against proposals per image ({ds.name})",
                           "proposals per image", "mIoU %"), out_dir / "curve.png")
   return 0
+
+
+def results_table(rows: dict) -> str:
+  lines = ["| variant | mIoU % | pixel acc % | mean class acc % | f.w. IoU % | paper (VOC 2012 test) |",
+           "|---|---:|---:|---:|---:|---:|"]
+  for name, r in rows.items():
+    lines.append(f"| {name} | {100 * r['miou']:.1f} | {100 * r['pixel_acc']:.1f} | {100 * r['mean_class_acc']:.1f} "
+                 f"| {100 * r['fw_iou']:.1f} | {PAPER.get(name, '')} |")
+  return "\n".join(lines)
+
+
+def class_table(rows: dict, class_names) -> str:
+  """Per-class IoU %, a column per variant; classes in neither ground truth nor prediction left out."""
+  lines = ["| class | " + " | ".join(rows) + " |", "|---|" + "---:|" * len(rows)]
+  for c, name in enumerate(class_names):
+    ious = [r["iou"][c] for r in rows.values()]
+    if any(x is not None for x in ious):
+      lines.append(f"| {name} | " + " | ".join("" if x is None else f"{100 * x:.1f}" for x in ious) + " |")
+  return "\n".join(lines)
+
+
+def write_confusion(folder: Path, totals: dict, class_names, data_name: str) -> None:
+  """FOLDER/VARIANT.json (counts and row-normalised shares) and FOLDER/VARIANT.png for every variant."""
+  for name, conf in totals.items():
+    stem = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+    rows = metrics.normalized_rows(conf)
+    write_text(folder / f"{stem}.json", json.dumps(
+        {"variant": name, "class_names": list(class_names), "rows": "ground truth", "columns": "prediction",
+         "counts": conf.tolist(), "normalized": [[None if np.isnan(v) else round(float(v), 5) for v in r] for r in rows]}))
+    save_atomic(confusion_plot(rows, class_names, f"{name} on {data_name}"), folder / f"{stem}.png")
+
+
+def write_text(path: Path, text: str) -> None:
+  with atomic_path(path) as tmp:
+    Path(tmp).write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

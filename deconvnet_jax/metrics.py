@@ -30,6 +30,35 @@ def pixel_accuracy(conf: np.ndarray) -> float:
   return float(np.trace(conf) / max(conf.sum(), 1))
 
 
+def mean_class_accuracy(conf: np.ndarray) -> float:
+  """Mean over the classes in the ground truth of TP / their ground-truth pixels (FCN's "mean accuracy")."""
+  truth = conf.sum(1)
+  present = truth > 0
+  return float(np.mean(np.diag(conf)[present] / truth[present])) if present.any() else float("nan")
+
+
+def frequency_weighted_iou(conf: np.ndarray) -> float:
+  """Per-class IoU weighted by the class's share of the ground-truth pixels (FCN's "f.w. IU")."""
+  truth = conf.sum(1).astype(np.float64)
+  ious = np.nan_to_num(iou_per_class(conf))
+  return float((truth * ious).sum() / max(truth.sum(), 1))
+
+
+def normalized_rows(conf: np.ndarray) -> np.ndarray:
+  """Each ground-truth row divided by its pixel count: what share of class i was predicted j; NaN rows
+  for classes absent from the ground truth."""
+  truth = conf.sum(1, keepdims=True).astype(np.float64)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(truth > 0, conf / truth, np.nan)
+
+
+def summary(conf: np.ndarray) -> dict:
+  """mIoU, pixel accuracy, mean class accuracy, frequency-weighted IoU and per-class IoU of a confusion matrix."""
+  return {"miou": mean_iou(conf), "pixel_acc": pixel_accuracy(conf), "mean_class_acc": mean_class_accuracy(conf),
+          "fw_iou": frequency_weighted_iou(conf),
+          "iou": [None if np.isnan(x) else round(float(x), 4) for x in iou_per_class(conf)]}
+
+
 def collapse_warning(conf: np.ndarray, class_names, share: float = 0.95, margin: float = 0.1) -> str | None:
   """A warning when one class takes nearly every predicted pixel while ground truth is varied.
 

@@ -1,5 +1,6 @@
-"""Small charts drawn with PIL (no plotting library needed): the proposals curves."""
+"""Small charts drawn with PIL (no plotting library needed): the proposals curves, confusion matrices."""
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 # Matplotlib's first colours, one per series.
@@ -42,4 +43,30 @@ def line_plot(xs, series: dict[str, list], title: str, xlabel: str, ylabel: str,
   draw.text((w // 2 - 60, h - 24), xlabel, fill="black")
   draw.text((8, top - 24), ylabel, fill="black")
   draw.text((left, 10), title, fill="black")
+  return im
+
+
+def confusion_plot(rows: np.ndarray, class_names, title: str, cell: int = 26) -> Image.Image:
+  """A row-normalised confusion matrix (ground truth down, prediction across) as a heat map: white 0,
+  dark blue 1, the percentage written in cells of 1% or more; grey rows for classes absent from the truth."""
+  k = len(class_names)
+  label_w, top = 8 + 7 * max(len(n) for n in class_names), 40 + 7 * max(len(n) for n in class_names)
+  im = Image.new("RGB", (label_w + k * cell + 10, top + k * cell + 30), "white")
+  draw = ImageDraw.Draw(im)
+  draw.text((8, 8), title, fill="black")
+  for i, name in enumerate(class_names):
+    draw.text((4, top + i * cell + cell // 2 - 6), name, fill="black")
+    column = Image.new("RGB", (top - 30, cell), "white")  # the column's name, written then turned upright
+    ImageDraw.Draw(column).text((2, cell // 2 - 6), name, fill="black")
+    im.paste(column.rotate(90, expand=True), (label_w + i * cell, 26))
+    for j in range(k):
+      x, y, v = label_w + j * cell, top + i * cell, rows[i, j]
+      if np.isnan(v):
+        colour = (225, 225, 225)
+      else:
+        colour = tuple(int(255 - (255 - c) * v) for c in (8, 48, 107))
+      draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour, outline=(235, 235, 235))
+      if not np.isnan(v) and v >= 0.01:
+        draw.text((x + 2, y + cell // 2 - 6), f"{100 * v:.0f}", fill="white" if v > 0.5 else "black")
+  draw.text((label_w, top + k * cell + 8), "rows: ground truth; columns: prediction; % of the row", fill="black")
   return im

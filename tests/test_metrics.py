@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from deconvnet_jax.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
+from deconvnet_jax.metrics import (confusion_matrix, frequency_weighted_iou, iou_per_class, mean_class_accuracy,
+                                   mean_iou, normalized_rows, pixel_accuracy)
 
 
 def test_miou_matches_brute_force_count():
@@ -33,3 +34,27 @@ def test_class_absent_everywhere_is_left_out_of_the_mean():
   assert np.isnan(ious[3]) and np.isnan(ious[2])  # 2 only predicted on void: not counted
   np.testing.assert_allclose(ious[:2], [1 / 2, 1 / 2])
   assert np.isclose(mean_iou(confusion_matrix(label, pred, 4)), 0.5)
+
+
+def test_class_accuracy_and_frequency_weighted_iou_match_per_pixel_loops():
+  rng = np.random.default_rng(3)
+  label = rng.integers(0, 4, (40, 30))
+  label[0, :5] = 255
+  pred = np.where(rng.random((40, 30)) < 0.7, label, rng.integers(0, 5, (40, 30))) % 5
+  pred[label == 255] = 0
+  conf = confusion_matrix(label, pred, 5)  # class 4 only predicted, never in the truth
+  accs, weights, ious = [], [], []
+  for c in range(5):
+    truth = [(l, p) for l, p in zip(label.ravel(), pred.ravel()) if l == c]
+    if truth:
+      accs.append(sum(p == c for _, p in truth) / len(truth))
+      tp = len([1 for l, p in zip(label.ravel(), pred.ravel()) if l == c and p == c])
+      union = len([1 for l, p in zip(label.ravel(), pred.ravel()) if l != 255 and (l == c or p == c)])
+      weights.append(len(truth))
+      ious.append(tp / union)
+  assert np.isclose(mean_class_accuracy(conf), np.mean(accs))
+  assert np.isclose(frequency_weighted_iou(conf), np.dot(weights, ious) / sum(weights))
+  rows = normalized_rows(conf)
+  np.testing.assert_allclose(rows[:4].sum(1), 1.0)
+  assert np.isnan(rows[4]).all()  # no ground truth for class 4
+  assert conf.sum() == (label != 255).sum()

@@ -262,6 +262,15 @@ def test_evaluate_scores_the_variants_with_the_shared_metric(data, tmp_path, cap
     ex = read_example(data, image_id)
     conf += metrics.confusion_matrix(ex.label, whole.segment(ex.image).label, 21)
   assert np.isclose(results["variants"]["whole image"]["miou"], metrics.mean_iou(conf))
+  # The confusion report: counts sum to the split's non-void pixels; shares per ground-truth row sum to 1.
+  report = json.loads((tmp_path / "eval" / "confusion" / "whole_image.json").read_text())
+  np.testing.assert_array_equal(report["counts"], conf)
+  pixels = sum(int((read_example(data, i).label != 255).sum()) for i in read_split(data, "val"))
+  assert np.sum(report["counts"]) == pixels
+  for row in report["normalized"]:
+    assert row[0] is None or np.isclose(sum(row), 1.0)
+  assert Image.open(tmp_path / "eval" / "confusion" / "DeconvNet_CRF.png").size[0] > 21 * 26
+  assert "| class | whole image | DeconvNet |" in (tmp_path / "eval" / "results.md").read_text()
   # Two generators side by side: each one's rows are those of its own run; one curve each.
   assert evaluate.main(argv[:-1] + [str(tmp_path / "both"), "--proposals", "windows", "edge_boxes"]) == 0
   both = json.loads((tmp_path / "both" / "results.json").read_text())["variants"]
