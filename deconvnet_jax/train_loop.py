@@ -24,6 +24,8 @@ from deconvnet_jax.data import examples as ex_lib
 from deconvnet_jax.data import pipeline, sources
 from deconvnet_jax.data import items as items_lib
 from deconvnet_jax.images import atomic_path
+from deconvnet_jax.normalization import normalize
+from deconvnet_jax.tensorboard import RunWriter
 from deconvnet_jax.labels import DataError
 from deconvnet_jax.models import build_model, min_input_size, set_variables
 
@@ -129,6 +131,21 @@ def evaluate(forward, state, examples, batch_size: int, norm: str, class_names) 
             "val_iou": [None if np.isnan(x) else round(float(x), 4) for x in ious]}
   warning = metrics.collapse_warning(conf, class_names)
   return record | ({"collapse": warning} if warning else {})
+
+
+def sample_predictions(forward, state, examples, batch_size: int, norm: str, n: int = 3):
+  """(images, labels, predictions) of the first n examples, each run alone in an evaluation-shaped batch
+  (the shapes `evaluate` compiled), for TensorBoard."""
+  images, truths, preds = [], [], []
+  for i in range(min(n, len(examples))):
+    ex = examples[i]
+    h, w = ex.label.shape
+    x = np.zeros((batch_size, -(-h // 32) * 32, -(-w // 32) * 32, 3), np.float32)
+    x[0, :h, :w] = normalize(ex.image, norm)
+    preds.append(np.asarray(forward(state.params, state.batch_stats, x))[0, :h, :w].argmax(-1))
+    images.append(ex.image)
+    truths.append(ex.label)
+  return images, truths, preds
 
 
 def loss_config(cfg: TrainConfig, train_split, class_names) -> training.LossConfig:
@@ -293,7 +310,10 @@ def _train(cfg: TrainConfig, train_set, val_set, mesh, ckpt, t_start) -> Result:
                                         train_set.class_names)
   record: dict = {}
   start_step, t0 = step, time.perf_counter()
-  with (stop_signals() as received, tqdm(total=total, initial=step, desc="train", dynamic_ncols=True) as bar):
+  lr = training.learning_rate(cfg.optim)
+  events = RunWriter(cfg.workdir, train_set.class_names) if jax.process_index() == 0 else None
+  with (stop_signals() as received, tqdm(total=total, initial=step, desc="train", dynamic_ncols=True) as bar,
+        contextlib.closing(events) if events else contextlib.nullcontext()):
     while step < total and not received:
       state, m = step_fn(state, training.global_batch(next(batches), mesh))
       step += 1
@@ -308,11 +328,16 @@ def _train(cfg: TrainConfig, train_set, val_set, mesh, ckpt, t_start) -> Result:
         rate = (step - start_step) * step_batch / (time.perf_counter() - t0)
         record = _step_record(cfg, step, m, rate)
         bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{rate:.1f}")
-        if step % cfg.eval_every == 0 or last:
+        evaluated = step % cfg.eval_every == 0 or last
+        if evaluated:
           record |= evaluate_now(state)
           _report(bar, record, train_set.class_names)
-        if jax.process_index() == 0:
+        if events:
           append_line(cfg.workdir / "metrics.jsonl", json.dumps(record))
+          events.record(record, float(lr(step - 1)))
+          if evaluated:
+            events.predictions(step, *sample_predictions(forward, state, val_set, cfg.batch_size,
+                                                         cfg.model.input_norm))
       if (step % cfg.save_every == 0 or last or received) and step > start_step:
         _save(ckpt, state, step, meta, record)
     ckpt.wait()

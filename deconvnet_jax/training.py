@@ -30,9 +30,13 @@ class TrainState:
   step: jax.Array  # int32 scalar
 
 
+def learning_rate(cfg: OptimConfig) -> optax.Schedule:
+  """Step -> learning rate: cfg.learning_rate, times decay_factor at each of decay_steps."""
+  return optax.piecewise_constant_schedule(cfg.learning_rate, {s: cfg.decay_factor for s in cfg.decay_steps})
+
+
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-  lr = optax.piecewise_constant_schedule(
-      cfg.learning_rate, {s: cfg.decay_factor for s in cfg.decay_steps})
+  lr = learning_rate(cfg)
   decay_kernels = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)
   return optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=decay_kernels),
                      optax.sgd(lr, momentum=cfg.momentum))

@@ -57,6 +57,20 @@ def test_resumed_run_equals_uninterrupted_run(data, tmp_path):
   # keep=3 latest; best holds the best val mIoU
   assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
   assert [p.name for p in (tmp_path / "a" / "best").iterdir() if p.name.isdigit()] == ["4"]
+  # TensorBoard: the same records, read back with tensorboard's own reader.
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  events = EventAccumulator(str(tmp_path / "a"), size_guidance={"images": 0, "scalars": 0}).Reload()
+  expected = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+  assert [e.step for e in events.Scalars("train/loss")] == [r["step"] for r in expected] == [2, 4]
+  np.testing.assert_allclose([e.value for e in events.Scalars("train/loss")], [r["loss"] for r in expected],
+                             rtol=1e-6)
+  assert [(e.step, round(e.value, 6)) for e in events.Scalars("train/learning_rate")] == [(2, 0.01), (4, 0.01)]
+  assert [e.step for e in events.Scalars("val/miou")] == [4]
+  assert np.isclose(events.Scalars("val/miou")[0].value, expected[-1]["val_miou"])
+  present = [x for x in expected[-1]["val_iou"] if x is not None]
+  assert len([t for t in events.Tags()["scalars"] if t.startswith("val_iou/")]) == len(present)
+  image = events.Images("val_predictions/0")[0]
+  assert image.step == 4 and (image.width, image.height) == (2 * 64 + 4, 64)
 
 
 def test_checkpoints_keep_latest_and_best_apart(tmp_path):
