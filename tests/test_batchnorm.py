@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import batchnorm as batchnorm_cli
-import infer
+from deconvnet_jax.cli import batchnorm as batchnorm_cli
+from deconvnet_jax.cli import infer
 from deconvnet_jax import batchnorm, checkpoints
 from deconvnet_jax.configs import model_config
 from deconvnet_jax.data.generated import generate

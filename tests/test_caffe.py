@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
-import convert_caffe
+from deconvnet_jax.cli import convert_caffe
 from deconvnet_jax import checkpoints
 from deconvnet_jax.caffe import CaffeError, infer_config, load_caffe, read_caffemodel
 from deconvnet_jax.configs import ModelConfig

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-import evaluate
-import train
+from deconvnet_jax.cli import evaluate
+from deconvnet_jax.cli import train
 from deconvnet_jax import checkpoints
 from deconvnet_jax.data import coco
 from deconvnet_jax.data.generated import generate, make_example

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import export
+from deconvnet_jax.cli import export
 from deconvnet_jax import checkpoints
 from deconvnet_jax.configs import model_config
 from deconvnet_jax.export import load

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-import train
+from deconvnet_jax.cli import train
 from deconvnet_jax import class_weights, configs, metrics, recipes, train_loop, training
 from deconvnet_jax.data.generated import generate
 from deconvnet_jax.data.voc import read_example, read_split

@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-import infer
-import train
+from deconvnet_jax.cli import infer
+from deconvnet_jax.cli import train
 from deconvnet_jax import checkpoints, locks
 from deconvnet_jax.data.generated import generate
 from deconvnet_jax.images import save_npy_atomic

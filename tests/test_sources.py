@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from test_sbd import TRAIN_AUG, make_voc_and_sbd
 
-import evaluate
-import train
+from deconvnet_jax.cli import evaluate
+from deconvnet_jax.cli import train
 from deconvnet_jax import checkpoints, configs, proposals, train_loop, training
 from deconvnet_jax.configs import DataConfig, TrainConfig
 from deconvnet_jax.data import items as items_lib

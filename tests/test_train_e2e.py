@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import evaluate
-import infer
-import train
+from deconvnet_jax.cli import evaluate
+from deconvnet_jax.cli import infer
+from deconvnet_jax.cli import train
 from deconvnet_jax import checkpoints, metrics
 from deconvnet_jax.configs import model_config
 from deconvnet_jax.data.generated import generate
