@@ -167,10 +167,19 @@ def _fields(buf, start: int, end: int):
         raise _Corrupt(f"a {width}-byte value at byte {pos} runs past the end (truncated file?)")
       record = tag_len + width
       n = (end - tag_start) // record
-      rows = np.frombuffer(buf, np.uint8, count=n * record, offset=tag_start).reshape(n, record)
-      same = (rows[:, :tag_len] == rows[0, :tag_len]).all(axis=1)
-      run = n if same.all() else int(np.argmin(same))
-      value, pos = np.ascontiguousarray(rows[:run, tag_len:]), tag_start + run * record
+      if n > 1 and buf[tag_start + record:tag_start + record + tag_len] == buf[tag_start:pos]:
+        rows = np.frombuffer(buf, np.uint8, count=n * record, offset=tag_start).reshape(n, record)
+        run, step = 2, 64  # the run's end, found in growing steps: each field costs O(its run)
+        while run < n:
+          same = (rows[run:run + step, :tag_len] == rows[0, :tag_len]).all(axis=1)
+          run += len(same) if same.all() else int(np.argmin(same))
+          if not same.all():
+            break
+          step *= 2
+        value = np.ascontiguousarray(rows[:run, tag_len:])
+      else:
+        run, value = 1, np.frombuffer(buf, np.uint8, count=width, offset=pos).reshape(1, width)
+      pos = tag_start + run * record
     else:
       raise _Corrupt(f"wire type {wire} at byte {tag_start} is not used by Caffe")
     yield field, wire, value
@@ -213,8 +222,10 @@ def _blob(buf, start, end) -> np.ndarray:
           else np.zeros(0, np.float32)).astype(np.float32, copy=False)
   if shape is None:
     shape = [legacy.get(i, 0) for i in (1, 2, 3, 4)] if legacy else [data.size]
-  if math.prod(shape) != data.size:
-    raise _Corrupt(f"a blob of shape {tuple(shape)} holds {data.size} values")
+  if len(shape) > 32 or max(shape, default=0) >= 1 << 40 or math.prod(shape) != data.size:
+    axes = ", ".join(map(str, shape[:8])) + (f", ... ({len(shape)} axes)" if len(shape) > 8 else "")
+    raise _Corrupt(f"a blob of shape ({axes}) holds {data.size} values (Caffe blobs have at most "
+                   "32 axes)")
   return data.reshape(shape)
 
 
@@ -458,10 +469,13 @@ MAPPINGS = {"vgg16": vgg16_variables, "fcn8s": fcn8s_variables, "deconvnet": dec
 def _out_channels(net, names, path, kind) -> tuple[str, np.ndarray]:
   """The weight blob of the first of `names` in the file, as [out, ...] (legacy leading 1s dropped)."""
   name, layer = _find(net, names, path, kind)
-  if not layer.blobs:
+  if not layer.blobs or not layer.blobs[0].size:
     raise CaffeError(f"{path}: layer {name!r} has no weights")
   w = layer.blobs[0]
-  return name, w.reshape(w.shape[-2:]) if layer.type == "InnerProduct" and w.ndim == 4 else w
+  if w.ndim not in (2, 4):
+    raise CaffeError(f"{path}: layer {name!r} weights have shape {w.shape}, expected [out, in, kh, kw] "
+                     "(or [out, in] for InnerProduct)")
+  return name, w.reshape(w.shape[-2:]) if layer.type == "InnerProduct" and w.shape[:-2] == (1, 1) else w
 
 
 def _has_norm(net: dict, path, kind) -> tuple[str, CaffeLayer] | None:
@@ -513,14 +527,16 @@ def load_caffe(path, kind: str, config: ModelConfig | None = None, *, seed: int 
   fold = kind.startswith("deconvnet") and not config.batch_norm and _has_norm(net, path, kind)
   target = dataclasses.replace(config, batch_norm=True) if fold else config
   try:
-    # Only "vgg16" keeps initialised layers; the others need shapes, not initialisers run.
-    model = (build_model(target, seed) if kind == "vgg16"
-             else nnx.eval_shape(lambda: build_model(target, seed)))
+    model = nnx.eval_shape(lambda: build_model(target, seed))
   except ValueError as e:
     raise CaffeError(f"{path}: {e} ({_describe(config)})") from e
   init = traverse_util.flatten_dict(get_variables(model), sep="/")
   m = LayerMapper(net, {k: v.shape for k, v in init.items()}, path, kind, target)
   MAPPINGS[kind](m)
+  if kind == "vgg16":
+    # It keeps initialised layers, built only now that the file's layers fit: a few bytes of a
+    # hostile file could otherwise ask for a network of any width.
+    init = traverse_util.flatten_dict(get_variables(build_model(target, seed)), sep="/")
   if kind != "vgg16":
     unused = [n for n, layer in net.items() if layer.blobs and n not in m.used]
     if unused:

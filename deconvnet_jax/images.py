@@ -1,6 +1,7 @@
 """Reading any image a user may have as RGB uint8, and writing files atomically."""
 
 import contextlib
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -15,12 +16,30 @@ class ImageError(ValueError):
   """An input file is not a usable image; the message names it."""
 
 
+# What PIL raises on a damaged or hostile image file.
+IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def open_image(path) -> Image.Image:
+  """Image.open of an image to decode, read through memory (PIL reads some lengths a file claims
+  with file.read(n), which allocates n bytes first: a PNG chunk can claim 2 GB), and refused
+  (DecompressionBombError) past PIL.Image.MAX_IMAGE_PIXELS, where PIL only warns: a few hundred
+  bytes could claim a gigabyte of pixels."""
+  im = Image.open(io.BytesIO(Path(path).read_bytes()))
+  if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:
+    im.close()
+    raise Image.DecompressionBombError(
+        f"{im.width}x{im.height} pixels, more than PIL.Image.MAX_IMAGE_PIXELS "
+        f"({Image.MAX_IMAGE_PIXELS:,}) against decompression bombs; raise it to read this image")
+  return im
+
+
 def load_rgb(path) -> np.ndarray:
   """[H, W, 3] uint8 RGB from any PIL-readable file: EXIF rotation applied; grayscale,
   palette, RGBA (on white), CMYK and 16-bit images converted."""
   path = Path(path)
   try:
-    with Image.open(path) as im:
+    with open_image(path) as im:
       im.load()
       im = ImageOps.exif_transpose(im)
       if im.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -33,7 +52,7 @@ def load_rgb(path) -> np.ndarray:
       return np.asarray(im.convert("RGB"))
   except FileNotFoundError as e:
     raise ImageError(f"{path}: no such file") from e
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+  except IMAGE_ERRORS as e:
     raise ImageError(f"{path}: not a readable image ({e})") from e
 
 

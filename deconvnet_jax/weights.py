@@ -7,9 +7,14 @@ same keys work too.
 """
 
 import collections
+import io
+import math
+import mmap
 import pickle
+import pickletools
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +27,11 @@ _STORAGE_DTYPES = {
     "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
     "BoolStorage": np.bool_,
 }
+_DTYPES = tuple(t for t in _STORAGE_DTYPES.values() if t is not None)
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+# What a damaged or hostile file makes unpickling (or zipfile) raise besides UnpicklingError.
+_DAMAGE = (ValueError, EOFError, KeyError, IndexError, TypeError, AttributeError, OverflowError,
+           RecursionError, struct.error, NotImplementedError, RuntimeError, zlib.error, zipfile.BadZipFile)
 
 
 class _StorageRef:
@@ -38,15 +47,24 @@ class _TensorRef:
     self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
 
   def numpy(self) -> np.ndarray:
+    numbers = (self.offset, *self.size, *self.stride)
+    if (not isinstance(self.storage, _StorageRef) or len(self.size) != len(self.stride)
+        or len(self.size) > 32 or not all(type(v) is int and 0 <= v < 1 << 48 for v in numbers)):
+      raise ValueError(f"not a tensor: storage {str(self.storage)[:40]}, offset {str(self.offset)[:20]}, "
+                       f"size {str(self.size)[:60]}, stride {str(self.stride)[:60]}")
     data = self.storage.array
     if data is None:
       raise ValueError(f"storage {self.storage.key} is missing from the file")
-    step = data.itemsize
+    if min(self.size, default=1) == 0:
+      return np.zeros(self.size, data.dtype)
     needed = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride)) + 1
-    if min(self.size, default=1) > 0 and needed > data.size:
+    if needed > data.size:
       raise ValueError(f"storage {self.storage.key} is shorter than its tensor (truncated file?)")
-    return np.lib.stride_tricks.as_strided(
-        data[self.offset:], shape=self.size, strides=tuple(s * step for s in self.stride)).copy()
+    if math.prod(self.size) > data.size:  # a broadcast (stride 0) view, which .copy() would blow up
+      raise ValueError(f"a tensor of shape {self.size} repeats the {data.size:,} values of storage "
+                       f"{self.storage.key}; save it contiguous")
+    strides = tuple(s * data.itemsize if n > 1 else 0 for n, s in zip(self.size, self.stride))
+    return np.lib.stride_tricks.as_strided(data[self.offset:], shape=self.size, strides=strides).copy()
 
 
 class _StateDictUnpickler(pickle.Unpickler):
@@ -71,13 +89,40 @@ class _StateDictUnpickler(pickle.Unpickler):
 
   def persistent_load(self, pid):
     # ('storage', storage_type, key, location, numel[, view_metadata])
+    if not (type(pid) is tuple and len(pid) >= 5 and pid[0] == "storage"
+            and any(pid[1] is t for t in _DTYPES)):
+      raise pickle.UnpicklingError(f"persistent id {str(pid)[:80]} is not a torch storage")
     dtype, key = pid[1], str(pid[2])
     if key not in self.storages:
       self.storages[key] = _StorageRef(dtype, key)
     return self.storages[key]
 
 
+def _unpickle(f, storages: dict):
+  """The next pickle in f, restricted. Its opcodes are walked first, which refuses lengths past
+  the data and memo indices no pickler writes: CPython allocates either before reading it."""
+  start = f.tell()
+  for n, (op, arg, pos) in enumerate(pickletools.genops(f)):
+    if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and int(arg) > n:
+      raise ValueError(f"pickle memo index {int(arg):,} at byte {pos} (opcode {n})")
+  f.seek(start)
+  return _StateDictUnpickler(f, storages).load()
+
+
+def _entry(archive: zipfile.ZipFile, name: str, limit: int) -> bytes:
+  """A zip entry's bytes; its declared sizes must fit in the file (torch stores entries uncompressed)."""
+  info = archive.getinfo(name)
+  if max(info.file_size, info.compress_size) > limit or not 0 <= info.header_offset < limit:
+    raise ValueError(f"{name} declares {max(info.file_size, info.compress_size):,} bytes at byte "
+                     f"{info.header_offset:,}, past the end of the file ({limit:,} bytes)")
+  if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+    raise ValueError(f"{name} is compressed with zip method {info.compress_type}; torch stores entries")
+  with archive.open(info) as f:
+    return f.read(info.file_size)
+
+
 def _read_zip(path: Path) -> dict:
+  size = path.stat().st_size
   with zipfile.ZipFile(path) as archive:
     names = archive.namelist()
     pkl = next((n for n in names if n.endswith("/data.pkl") or n == "data.pkl"), None)
@@ -85,29 +130,34 @@ def _read_zip(path: Path) -> dict:
       raise ValueError("zip archive without data.pkl")
     root = pkl[:-len("data.pkl")]
     storages = {}
-    with archive.open(pkl) as f:
-      state = _StateDictUnpickler(f, storages).load()
+    state = _unpickle(io.BytesIO(_entry(archive, pkl, size)), storages)
     for ref in storages.values():
-      ref.array = np.frombuffer(archive.read(f"{root}data/{ref.key}"), ref.dtype)
+      ref.array = np.frombuffer(_entry(archive, f"{root}data/{ref.key}", size), ref.dtype)
   return _finish(state)
 
 
 def _read_legacy(path: Path) -> dict:
   """The pre-1.6 format (torchvision's published VGG16 files): pickles, then raw storages."""
-  with open(path, "rb") as f:
-    if pickle.load(f) != _LEGACY_MAGIC:
+  # Read through a memory map: its read(n) returns what is there, where file.read(n) would
+  # allocate the n bytes a hostile file claims first.
+  with open(path, "rb") as raw, mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ) as f:
+    if _unpickle(f, {}) != _LEGACY_MAGIC:
       raise ValueError("not a PyTorch file (bad magic number)")
-    pickle.load(f)  # protocol version
-    pickle.load(f)  # system info
+    _unpickle(f, {})  # protocol version
+    _unpickle(f, {})  # system info
     storages = {}
-    state = _StateDictUnpickler(f, storages).load()
-    for key in pickle.load(f):
-      ref = storages[str(key)]
+    state = _unpickle(f, storages)
+    keys = _unpickle(f, {})
+    if type(keys) is not list or not all(type(k) is str for k in keys):
+      raise ValueError(f"the storage keys are a {type(keys).__name__}, not a list of strings")
+    for key in keys:
+      ref = storages[key]
       (numel,) = struct.unpack("<q", f.read(8))
-      data = f.read(numel * np.dtype(ref.dtype).itemsize)
-      if len(data) != numel * np.dtype(ref.dtype).itemsize:
-        raise ValueError("file is truncated")
-      ref.array = np.frombuffer(data, ref.dtype)
+      itemsize, left = np.dtype(ref.dtype).itemsize, f.size() - f.tell()
+      if not 0 <= numel <= left // itemsize:
+        raise ValueError(f"storage {ref.key} claims {numel:,} values of {itemsize} bytes, the file has "
+                         f"{left:,} bytes left (truncated file?)")
+      ref.array = np.frombuffer(f.read(numel * itemsize), ref.dtype)
   return _finish(state)
 
 
@@ -116,7 +166,10 @@ def _finish(state) -> dict:
     state = state["state_dict"]
   if not isinstance(state, dict):
     raise ValueError(f"expected a state dict, found {type(state).__name__}")
-  return {k: v.numpy() for k, v in state.items() if isinstance(v, _TensorRef)}
+  tensors = {k: v for k, v in state.items() if isinstance(v, _TensorRef)}
+  if not all(type(k) is str for k in tensors):
+    raise ValueError("a state dict whose names are not all strings")
+  return {k: v.numpy() for k, v in tensors.items()}
 
 
 def read_state_dict(path) -> dict[str, np.ndarray]:
@@ -131,9 +184,8 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
     if zipfile.is_zipfile(path):
       return _read_zip(path)
     return _read_legacy(path)
-  except (ValueError, pickle.UnpicklingError, EOFError, KeyError, struct.error,
-          zipfile.BadZipFile) as e:
-    raise ValueError(f"{path}: cannot read as a PyTorch state dict: {e}") from e
+  except (pickle.UnpicklingError, *_DAMAGE) as e:
+    raise ValueError(f"{path}: cannot read as a PyTorch state dict: {str(e) or type(e).__name__}") from e
 
 
 def _expect(path, name, array, shape):

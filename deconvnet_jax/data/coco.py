@@ -37,6 +37,11 @@ COCO_TO_VOC = {
 CLASS_MAPS = ("voc", "coco")
 BORDER_TOLERANCE = 1.0  # pixels a polygon may reach past the image (COCO's sometimes do); clipped
 MAX_INSTANCES = VOID - 1  # instance ids 1..254 fit the uint8 mask beside 0 and 255
+MAX_SIDE = 1 << 31  # image sides must be below this (pycocotools counts pixels in 32 bits)
+# Pixels of outline an annotation's polygons may have: pycocotools rasterises with ~100 bytes per
+# pixel of outline (COCO's have at most a few thousand); a few KB of points zigzagging across the
+# image could ask for gigabytes.
+MAX_OUTLINE = 1 << 19
 
 
 class _Skip(DataError):
@@ -175,9 +180,14 @@ class CocoDataset(Sequence):
       file_name = entry.get("file_name")
       if not isinstance(file_name, str) or not file_name:
         raise DataError(f"{where}: 'file_name' must be a non-empty string, got {file_name!r}")
+      if "\0" in file_name or Path(file_name).is_absolute() or ".." in Path(file_name).parts:
+        raise DataError(f"{where}: 'file_name' must be a path inside {self.image_dir}, got "
+                        f"{file_name[:100]!r}")
       height, width = _int_field(entry, "height", where), _int_field(entry, "width", where)
       if height < 1 or width < 1:
         raise DataError(f"{where}: size {width}x{height} is empty")
+      if height >= MAX_SIDE or width >= MAX_SIDE:
+        raise DataError(f"{where}: size {width}x{height} is beyond any image's (sides below 2^31)")
       if coco_id in images:
         raise DataError(f"{where}: image id listed twice")
       images[coco_id] = _Image(coco_id, file_name, height, width)
@@ -232,7 +242,10 @@ class CocoDataset(Sequence):
         continue
       path = self.image_dir / im.file_name
       if path.parent not in listings:  # one directory listing instead of a stat per image
-        listings[path.parent] = set(os.listdir(path.parent)) if path.parent.is_dir() else set()
+        try:
+          listings[path.parent] = set(os.listdir(path.parent))
+        except OSError:  # no such folder, or a name the system refuses
+          listings[path.parent] = set()
       if path.name not in listings[path.parent]:
         missing.append(path)
         continue
@@ -260,6 +273,8 @@ def _read_json(path: Path) -> dict:
       data = json.load(f)
   except (ValueError, UnicodeDecodeError) as e:
     raise DataError(f"{path}: not valid JSON: {e}") from e
+  except RecursionError as e:
+    raise DataError(f"{path}: not a COCO instances file: JSON nested too deeply to read") from e
   if not isinstance(data, dict):
     raise DataError(f"{path}: not a COCO instances file (top level is a {type(data).__name__}, "
                     "expected an object with images, annotations and categories)")
@@ -324,7 +339,8 @@ def _polygons(seg: list, h: int, w: int, where: str) -> tuple[tuple[np.ndarray, 
   """Polygons as [2K] float64 (x, y pairs) and the box of the pixels they rasterise to."""
   if not seg:
     raise _Skip("bad annotation", f"{where}: empty polygon list")
-  polygons, area, lo, hi = [], 0.0, np.full(2, np.inf), np.full(2, -np.inf)  # (x, y) extents
+  polygons, area, outline = [], 0.0, 0.0
+  lo, hi = np.full(2, np.inf), np.full(2, -np.inf)  # (x, y) extents
   for k, p in enumerate(seg):
     try:
       xy = np.asarray(p, np.float64)
@@ -343,6 +359,10 @@ def _polygons(seg: list, h: int, w: int, where: str) -> tuple[tuple[np.ndarray, 
                   f"y {p_lo[1]:g}..{p_hi[1]:g}), outside the {w}x{h} image by more than {t:g} px")
     x, y = points[:, 0], points[:, 1]
     area += abs(x[:-1] @ y[1:] - y[:-1] @ x[1:] + x[-1] * y[0] - y[-1] * x[0]) / 2  # shoelace
+    outline += np.abs(points - np.roll(points, 1, axis=0)).max(1).sum()
+    if outline > MAX_OUTLINE:
+      raise _Skip("bad annotation", f"{where}: polygons of more than {MAX_OUTLINE:,} pixels of outline "
+                  f"(polygon {k} has {len(points):,} points)")
     lo, hi = np.minimum(lo, p_lo), np.maximum(hi, p_hi)
     polygons.append(xy)
   if area < 1e-6:
@@ -378,6 +398,9 @@ def _checked_rle(seg: dict, h: int, w: int, where: str) -> tuple[dict, tuple]:
   if runs is None or any(r < 0 for r in runs) or sum(runs) != h * w:
     raise _Skip("bad annotation", f"{where}: RLE counts do not describe {h}x{w} = {h * w} pixels "
                 f"({'malformed string' if runs is None else f'runs sum to {sum(runs)}'})")
+  if max(runs) >= 1 << 32:
+    raise _Skip("bad annotation", f"{where}: an RLE run of {max(runs):,} pixels; pycocotools counts "
+                "runs in 32 bits")
   if not sum(runs[1::2]):
     raise _Skip("bad annotation", f"{where}: zero-area segmentation (the RLE has no foreground)")
   rle = ({"size": [h, w], "counts": counts.encode()} if isinstance(counts, str)

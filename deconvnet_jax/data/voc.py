@@ -10,12 +10,17 @@ Segmentation holds instance ids, Categories the class of each) and
 {train,val}.txt. Both give the same `Example`; `train_aug_ids` joins them.
 """
 
+import io
+import math
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import scipy.io
 from PIL import Image
 
+from deconvnet_jax.images import IMAGE_ERRORS, open_image
 from deconvnet_jax.labels import VOC_CLASSES, VOID, DataError, Example, Instances
 
 
@@ -39,11 +44,14 @@ def read_index_png(path: Path, num_classes: int | None = None) -> np.ndarray:
   """A palette or grayscale PNG as its raw indices [H, W] uint8; RGB masks are refused."""
   if not path.is_file():
     raise DataError(f"{path}: mask file not found")
-  with Image.open(path) as im:
-    if im.mode not in ("P", "L"):
-      raise DataError(f"{path}: mask is {im.mode}, expected a palette (P) or grayscale (L) PNG "
-                      "holding class indices; convert colours back to indices first")
-    mask = np.asarray(im)
+  try:
+    with open_image(path) as im:
+      mode, mask = im.mode, np.asarray(im) if im.mode in ("P", "L") else None
+  except IMAGE_ERRORS as e:
+    raise DataError(f"{path}: cannot decode mask: {e}") from e
+  if mask is None:
+    raise DataError(f"{path}: mask is {mode}, expected a palette (P) or grayscale (L) PNG "
+                    "holding class indices; convert colours back to indices first")
   if num_classes is not None:
     check_classes(mask, num_classes, path)
   return mask
@@ -70,7 +78,7 @@ def image_size(path: Path) -> tuple[int, int]:
       return im.height, im.width
   except FileNotFoundError as e:
     raise DataError(f"{path}: image file not found") from e
-  except OSError as e:
+  except IMAGE_ERRORS as e:
     raise DataError(f"{path}: cannot read the image header: {e}") from e
 
 
@@ -78,9 +86,9 @@ def read_image(path: Path) -> np.ndarray:
   if not path.is_file():
     raise DataError(f"{path}: image file not found")
   try:
-    with Image.open(path) as im:
+    with open_image(path) as im:
       return np.asarray(im.convert("RGB"))
-  except OSError as e:
+  except IMAGE_ERRORS as e:
     raise DataError(f"{path}: cannot decode image: {e}") from e
 
 
@@ -161,11 +169,126 @@ def read_sbd_split(root, split: str) -> list[str]:
   return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
 
 
+MAX_MAT_BYTES = 64 << 20  # bytes a .mat's compressed variables may inflate to; SBD's: a few hundred KB
+MAX_MAT_DEPTH = 32  # arrays nested in cells / structs; SBD's: 3
+MAX_MAT_ELEMENTS = 1 << 16  # elements (tags) a .mat may hold; SBD's: a few hundred
+MAT_TYPES = {1, 2, 3, 4, 5, 6, 7, 9, 12, 13, 14, 16, 17, 18}  # miINT8 ... miUTF32 (scipy indexes a table)
+
+
+class _Inflated:
+  """A compressed .mat variable read like a file, inflated on demand against the file's budget."""
+
+  def __init__(self, data: bytes, check):
+    self.z, self.pending, self.buf, self.check = zlib.decompressobj(), data, b"", check
+
+  def read(self, n: int) -> bytes:
+    while len(self.buf) < n and self.pending and not self.z.eof:
+      more = self.z.decompress(self.pending, max(n - len(self.buf), 1 << 16))
+      self.pending, self.buf = self.z.unconsumed_tail, self.buf + more
+      self.check.budget -= len(more)
+      if self.check.budget < 0:
+        raise ValueError(f"its variables inflate to more than {MAX_MAT_BYTES:,} bytes")
+    out, self.buf = self.buf[:n], self.buf[n:]
+    return out
+
+
+class _MatCheck:
+  """Walks a MATLAB v5 file's elements before scipy reads it. scipy allocates what a tag's byte
+  count or a cell's dimensions claim before reading them, and recurses in C into nested arrays:
+  a few hundred hostile bytes could ask for gigabytes or overflow the stack. Here every count is
+  checked against the bytes actually there, and nesting and element counts against limits."""
+
+  def __init__(self, data: bytes):
+    if len(data) < 128 or 0 in data[:4]:
+      raise ValueError("not a MATLAB 5 .mat file (too short, or version 4)")
+    major = data[124 + (data[126] == ord("I"))]  # as scipy reads the version
+    if major != 1:
+      raise ValueError(f"a MATLAB {'7.3 (HDF5)' if major == 2 else 'unknown version'} file, not version 5")
+    self.order, self.budget, self.elements = "<" if data[126:128] == b"IM" else ">", MAX_MAT_BYTES, 0
+    f = io.BytesIO(data)
+    f.seek(128)
+    while f.tell() < len(data):
+      mdtype, count = self.numbers(f, "II")
+      if count > len(data) - f.tell():
+        raise ValueError(f"a variable claims {count:,} bytes, the file has {len(data) - f.tell():,} left")
+      if mdtype == 15:  # miCOMPRESSED: a zlib stream of one miMATRIX
+        inflated = _Inflated(f.read(count), self)
+        mdtype, count = self.numbers(inflated, "II")
+        if mdtype != 14 or count > self.budget:
+          raise ValueError(f"a compressed element of type {mdtype} and {count:,} bytes, expected a "
+                           f"variable (14) of at most {self.budget:,}")
+        self.matrix(inflated, count, 1)
+        if inflated.read(1):
+          raise ValueError("a compressed element holds more than its variable")
+      elif mdtype == 14:  # miMATRIX
+        self.matrix(f, count, 1)
+      else:
+        raise ValueError(f"a top-level element of type {mdtype}, expected a variable (14 or 15)")
+
+  def take(self, f, n: int, keep: bool = True) -> bytes:
+    """The next n bytes of f, read in pieces (and dropped unless `keep`); refuses fewer."""
+    pieces, got = [], 0
+    while got < n:
+      piece = f.read(min(n - got, 1 << 20))
+      if not piece:
+        raise ValueError(f"an element of {n:,} bytes runs past the end of the data (truncated?)")
+      got += len(piece)
+      pieces += [piece] if keep else []
+    return b"".join(pieces)
+
+  def numbers(self, f, fmt: str) -> tuple:
+    return struct.unpack(self.order + fmt, self.take(f, struct.calcsize(fmt)))
+
+  def element(self, f, left: int, depth: int, keep: int = 0) -> tuple[int, bytes]:
+    """(bytes taken, padding included; its data if at most `keep` bytes) of an array's next element."""
+    if left < 8:
+      raise ValueError(f"an element tag runs past the end of its array ({left} bytes left)")
+    self.elements += 1
+    if self.elements > MAX_MAT_ELEMENTS:
+      raise ValueError(f"more than {MAX_MAT_ELEMENTS:,} elements")
+    mdtype, count = self.numbers(f, "II")
+    if mdtype & 0xFFFF not in MAT_TYPES:
+      raise ValueError(f"an element of unknown type {mdtype & 0xFFFF}")
+    if mdtype >> 16:  # small data element: up to 4 bytes inside the tag
+      return 8, struct.pack(self.order + "I", count)[:mdtype >> 16]
+    if count > left - 8:
+      raise ValueError(f"an element claims {count:,} bytes, its array has {left - 8:,} left")
+    if mdtype == 14:
+      self.matrix(f, count, depth + 1)
+      return 8 + count, b""
+    size = min(count + -count % 8, left - 8)
+    return 8 + size, self.take(f, size, keep=count <= keep)[:count]
+
+  def matrix(self, f, count: int, depth: int) -> None:
+    """An miMATRIX of `count` bytes: flags, dimensions, name, then the elements its class holds."""
+    if depth > MAX_MAT_DEPTH:
+      raise ValueError(f"arrays nested more than {MAX_MAT_DEPTH} deep")
+    if count == 0:
+      return
+    _, flag_bytes, flags, _ = self.numbers(f, "IIII") if count >= 16 else (0, 0, 0, 0)
+    if flag_bytes != 8:
+      raise ValueError(f"an array of {count} bytes without its 8 bytes of flags")
+    left, kind = count - 16, flags & 0xFF
+    if kind != 17:  # all but opaque objects have dimensions and a name
+      used, dims = self.element(f, left, depth, keep=4 * 32)
+      left -= used
+      dims = struct.unpack(f"{self.order}{len(dims) // 4}i", dims[:len(dims) // 4 * 4])
+      left -= self.element(f, left, depth)[0]
+      if kind in (1, 2, 3):  # cell, struct, object: prod(dims) arrays, allocated before reading
+        if kind == 3:
+          left -= self.element(f, left, depth)[0]  # its class name
+        if min(dims, default=0) < 0 or math.prod(dims) > left + 64:
+          raise ValueError(f"a cell or struct array of {dims} elements in {left:,} bytes")
+    while left > 0:
+      left -= self.element(f, left, depth)[0]
+
+
 def read_mat_struct(path: Path, struct: str, fields: tuple[str, ...]) -> list:
   """The named fields of a scalar struct in a MATLAB v5 .mat file."""
   if not path.is_file():
     raise DataError(f"{path}: annotation file not found")
   try:
+    _MatCheck(path.read_bytes())
     mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
   except Exception as e:  # loadmat raises anything from IndexError to OSError on a damaged file
     raise DataError(f"{path}: cannot read as a MATLAB .mat file: {type(e).__name__}: {e}") from e
