@@ -47,6 +47,32 @@ class InferenceConfig:
   min_foreground: float = 0.01  # proposals predicting less foreground than this are dropped
   crf: bool = True
   crf_params: CRFParams = CRFParams()
+  # Test-time augmentation (off by default, as in the paper): scores averaged over the horizontal
+  # flip and over these scales (whole mode: the image resized; instance mode: each crop fed at
+  # input_size * scale); whole mode on images larger than `tile` (px): overlapping tiles at full size.
+  flip: bool = False
+  scales: tuple[float, ...] = (1.0,)
+  tile: int | None = None
+
+
+def add_test_time_arguments(p) -> None:
+  """infer.py's and evaluate.py's --flip / --scales / --tile (InferenceConfig's test-time augmentation)."""
+  p.add_argument("--flip", action="store_true", help="average the scores with those of the mirrored input")
+  p.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
+                 help="average over these input scales, e.g. 0.75 1 1.25 (whole mode: the image; instance "
+                      "mode: each proposal crop)")
+  p.add_argument("--tile", type=int, metavar="PX",
+                 help="whole mode: segment images larger than PX in overlapping PX x PX tiles at full "
+                      "resolution (a third overlapping; scores averaged) instead of shrinking them")
+
+
+def test_time_options(args) -> dict:
+  """InferenceConfig fields from add_test_time_arguments' options; --tile needs --mode whole."""
+  if args.tile is not None and getattr(args, "mode", "whole") != "whole":
+    raise ValueError("--tile segments whole images: pass --mode whole")
+  if any(s <= 0 for s in args.scales):
+    raise ValueError(f"--scales must be positive, got {args.scales}")
+  return {"flip": args.flip, "scales": tuple(args.scales), "tile": args.tile}
 
 
 @dataclasses.dataclass
@@ -111,7 +137,7 @@ class Segmenter:
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)[:cfg.top_k]
     squares = np.array([context_square(b, cfg.context) for b in boxes], np.float64).reshape(-1, 3)
     s = cfg.input_size
-    crops = np.zeros((-(-len(squares) // cfg.batch_size) * cfg.batch_size, s, s, 3), np.float32)
+    crops = np.zeros((len(squares), s, s, 3), np.float32)
     for i, square in enumerate(squares):
       crop, valid = square_crop(image, square, s)
       crops[i] = normalize(crop, norm) * valid[..., None]
@@ -120,10 +146,23 @@ class Segmenter:
     start = time.perf_counter()
     scores = np.zeros((0, s, s, self.net.config.num_classes), np.float32)  # no proposals: nothing to add
     if len(squares):
-      scores = np.concatenate([self.net(crops[i:i + cfg.batch_size])
-                               for i in range(0, len(crops), cfg.batch_size)])[:len(squares)]
+      scores = average_views(lambda x: self._batched(x), crops[:len(squares)], cfg.flip, cfg.scales)
     seconds["network"] += time.perf_counter() - start
     return scores, squares
+
+  def _batched(self, crops: np.ndarray) -> np.ndarray:
+    """Network scores of [N, S, S, 3] crops in padded batches of batch_size: [N, S, S, K]."""
+    b, n = self.config.batch_size, len(crops)
+    padded = np.zeros((-(-n // b) * b, *crops.shape[1:]), np.float32)
+    padded[:n] = crops
+    return np.concatenate([self.net(padded[i:i + b]) for i in range(0, len(padded), b)])[:n]
+
+  def whole_scores(self, image: np.ndarray) -> np.ndarray:
+    """The whole-image scores [H, W, K], with the configured flip / scales / tiles."""
+    cfg = self.config
+    forward = self.net.whole_image if cfg.tile is None else (
+        lambda im: tiled(self.net.whole_image, im, cfg.tile))
+    return average_views(lambda x: forward(x[0])[None], image[None], cfg.flip, cfg.scales)[0]
 
   def propose(self, image: np.ndarray, seconds: dict, logits: np.ndarray | None = None) -> np.ndarray:
     """The configured generator's top-K boxes [K, 4] (y0, x0, y1, x1), best first.
@@ -164,7 +203,7 @@ class Segmenter:
     seconds = self.new_seconds()
     if self.config.mode == "whole":
       start = time.perf_counter()
-      out = self.net.whole_image(image)
+      out = self.whole_scores(image)
       seconds["network"] += time.perf_counter() - start
     elif self.config.mode == "instance":
       out = self.combine(*self.proposal_maps(image, seconds, boxes), image.shape[:2], seconds)
@@ -190,3 +229,51 @@ class Segmenter:
       prob = dense_crf(image, prob, self.config.crf_params)
       seconds["crf"] += time.perf_counter() - start
     return Result(prob.argmax(-1).astype(np.uint8), prob, seconds)
+
+
+def resize(x: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+  """[N, h, w, C] -> [N, H, W, C], bilinear (half-pixel centres, as PIL and jax.image do)."""
+  if x.shape[1:3] == tuple(hw):
+    return x
+  x = np.asarray(x, np.float32)
+  return np.asarray(jax.image.resize(x, (x.shape[0], *hw, x.shape[3]), "linear", antialias=False))
+
+
+def average_views(forward, x: np.ndarray, flip: bool, scales) -> np.ndarray:
+  """The mean of forward's [N, H, W, K] scores over the inputs [N, H, W, 3] resized by each scale
+  (scores resized back) and, with flip, mirrored left-right (scores mirrored back)."""
+  h, w = x.shape[1:3]
+  total, views = 0.0, 0
+  for scale in scales:
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    xs = resize(x, size)
+    for mirrored in (False, True) if flip else (False,):
+      out = forward(xs[:, :, ::-1] if mirrored else xs)
+      total = total + resize(out[:, :, ::-1] if mirrored else out, (h, w))
+      views += 1
+  return total / views
+
+
+def tile_starts(n: int, tile: int, overlap: float = 1 / 3) -> list[int]:
+  """Starts of tiles of `tile` px covering 0..n with at least `overlap` of a tile shared; the last
+  tile ends at n."""
+  if n <= tile:
+    return [0]
+  step = max(1, int(tile * (1 - overlap)))
+  count = -(-(n - tile) // step) + 1
+  return [round(i * (n - tile) / (count - 1)) for i in range(count)]
+
+
+def tiled(forward, image: np.ndarray, tile: int) -> np.ndarray:
+  """forward ([h, w, 3] -> [h, w, K]) over overlapping tile x tile windows of a large image, at its
+  full resolution; each pixel's scores are the mean over the tiles that hold it."""
+  h, w = image.shape[:2]
+  total, count = None, np.zeros((h, w, 1), np.float32)
+  for y in tile_starts(h, tile):
+    for x in tile_starts(w, tile):
+      out = forward(image[y:y + tile, x:x + tile])
+      if total is None:
+        total = np.zeros((h, w, out.shape[-1]), np.float32)
+      total[y:y + tile, x:x + tile] += out
+      count[y:y + tile, x:x + tile] += 1
+  return total / count

@@ -1,5 +1,6 @@
 """Instance-wise inference: fixed-shape batches, the FCN ensemble, CRF on and off."""
 
+import jax
 import numpy as np
 
 from deconvnet_jax import aggregate
@@ -45,3 +46,44 @@ def test_whole_image_mode_buckets_sizes():
   for h, w in ((40, 50), (60, 64), (65, 64)):
     assert segmenter.segment(np.zeros((h, w, 3), np.uint8)).label.shape == (h, w)
   assert segmenter.net.compiled == [(1, 64, 64, 3), (1, 96, 64, 3)]
+
+
+def test_flip_averaging_is_mirror_equivariant_and_invariant_on_symmetric_inputs():
+  from deconvnet_jax.models import get_variables, set_variables
+  model = build_model(model_config("small", num_classes=5), seed=1)
+  rng = np.random.default_rng(0)
+  variables = get_variables(model)  # random weights everywhere (the score layers start at zero)
+  variables["params"] = jax.tree.map(lambda p: (rng.normal(size=p.shape) * np.sqrt(2 / np.prod(p.shape[:-1]))
+                                                ).astype(np.float32) if p.ndim > 1 else p, variables["params"])
+  set_variables(model, variables)
+  model.eval()
+  image = rng.integers(0, 256, (70, 90, 3)).astype(np.uint8)  # padded to 96 x 96: padding is not symmetric
+  seg = Segmenter(model, InferenceConfig(mode="whole", flip=True, crf=False))
+  scores = seg.scores(image)[0]
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+  close(seg.scores(image[:, ::-1])[0], scores[:, ::-1])
+  symmetric = np.concatenate([image[:, :45], image[:, :45][:, ::-1]], axis=1)
+  out = seg.scores(symmetric)[0]
+  close(out, out[:, ::-1])
+  seg.config = InferenceConfig(mode="whole", crf=False)  # the same compiled network, no flip
+  plain = seg.scores(symmetric)[0]
+  assert np.abs(plain - plain[:, ::-1]).max() > 0.05 * np.abs(plain).max()  # without the flip it is not
+  # Instance-wise: each crop is flipped, so one centred box on a symmetric image gives symmetric scores.
+  seg.config = InferenceConfig(flip=True, crf=False, input_size=64, batch_size=2)
+  out = seg.scores(symmetric, boxes=np.array([[10.0, 15.0, 60.0, 75.0]]))[0]
+  close(out, out[:, ::-1])
+
+
+def test_tiles_cover_the_image_and_a_pointwise_network_is_tiled_exactly():
+  from deconvnet_jax.inference import average_views, tile_starts, tiled
+  for n, tile in [(100, 100), (101, 100), (300, 96), (1000, 512)]:
+    starts = tile_starts(n, tile)
+    assert starts[0] == 0 and starts[-1] + min(tile, n) == n
+    assert all(b - a <= tile * 2 / 3 + 1 for a, b in zip(starts, starts[1:]))  # a third overlaps
+  pointwise = lambda im: np.asarray(im, np.float32)[..., :2] * np.float32([0.5, -2.0])
+  image = np.random.default_rng(1).integers(0, 256, (250, 130, 3)).astype(np.uint8)
+  np.testing.assert_allclose(tiled(pointwise, image, 96), pointwise(image), rtol=1e-6)
+  # Scales: a pointwise network on a flat image gives the same at every scale.
+  flat = np.full((1, 40, 60, 3), 7, np.uint8)
+  out = average_views(lambda x: pointwise(x), flat, flip=True, scales=(0.5, 1.0, 1.5))
+  np.testing.assert_allclose(out, pointwise(flat), rtol=1e-6)

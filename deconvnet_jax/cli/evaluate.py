@@ -28,7 +28,8 @@ from deconvnet_jax import aggregate, checkpoints, configs, crf, metrics
 from deconvnet_jax.box_files import BoxFileError, BoxFiles
 from deconvnet_jax.data import sources
 from deconvnet_jax.images import atomic_path, save_atomic
-from deconvnet_jax.inference import PROPOSALS, PROPOSALS_HELP, InferenceConfig, Segmenter
+from deconvnet_jax.inference import (PROPOSALS, PROPOSALS_HELP, InferenceConfig, Segmenter, add_test_time_arguments,
+                                     test_time_options)
 from deconvnet_jax.labels import DataError, Example
 from deconvnet_jax.plots import confusion_plot, line_plot
 
@@ -54,6 +55,7 @@ def parse_args(argv=None):
   p.add_argument("--chunk", type=int, default=8, help="images whose CRFs run in parallel at a time")
   p.add_argument("--crf-processes", type=int)
   p.add_argument("--output", type=Path, help="folder for results.md / results.json / cache")
+  add_test_time_arguments(p)
   return p.parse_args(argv)
 
 
@@ -75,7 +77,7 @@ class Evaluator:
     k, hw, seconds = self.k, ex.label.shape, Segmenter.new_seconds()
     conf = lambda pred: metrics.confusion_matrix(ex.label, pred, k)
     # One whole-image forward serves the "whole image" row and the network-guided proposals.
-    logits = self.whole.net.whole_image(ex.image)  # [H, W, K]
+    logits = self.whole.whole_scores(ex.image)  # [H, W, K], with the test-time options
     out = {"whole image": conf(aggregate.softmax(logits).argmax(-1).astype(np.uint8))}
     to_refine = {}
     fcn_scores = self.fcn.whole_image(ex.image) if self.fcn is not None else None
@@ -132,8 +134,12 @@ def evaluate(args) -> int:
   model, meta = checkpoints.load_model(args.checkpoint)
   fcn = checkpoints.load_model(args.fcn_checkpoint)[0] if args.fcn_checkpoint else None
   train_config = configs.train_config(meta)
+  try:
+    tta = test_time_options(args)
+  except ValueError as e:
+    raise DataError(str(e)) from e
   config = InferenceConfig(top_k=max([args.top_k, *(args.curve or [])]), proposals=args.proposals[0],
-                           input_size=args.input_size or train_config.crop, crf=False)
+                           input_size=args.input_size or train_config.crop, crf=False, **tta)
   if args.proposals_from is not None and len(args.proposals) > 1:
     raise DataError("--proposals-from replaces the generator: give one --proposals, not several")
   evaluator = Evaluator(model, fcn, config, sorted(args.curve or []), args.proposals)

@@ -31,7 +31,8 @@ from tqdm import tqdm
 from deconvnet_jax import checkpoints, configs, crf
 from deconvnet_jax.box_files import BoxFileError, BoxFiles
 from deconvnet_jax.images import IMAGE_SUFFIXES, ImageError, load_rgb, save_atomic, save_npy_atomic
-from deconvnet_jax.inference import PROPOSALS, PROPOSALS_HELP, InferenceConfig, Segmenter
+from deconvnet_jax.inference import (PROPOSALS, PROPOSALS_HELP, InferenceConfig, Segmenter, add_test_time_arguments,
+                                     test_time_options)
 from deconvnet_jax.locks import LockError, folder_lock
 from deconvnet_jax.data.voc import read_index_png
 from deconvnet_jax.viz import error_map, gallery_html, overlay, palette_image
@@ -64,7 +65,8 @@ def parse_args(argv=None):
   p.add_argument("--crf-processes", type=int, help="parallel CRF processes (default: all cores)")
   p.add_argument("--max-side", type=int, default=1024,
                  help="larger images are segmented at this longer side and the labels scaled back "
-                      "(probabilities stay at the reduced size)")
+                      "(probabilities stay at the reduced size); not with --tile")
+  add_test_time_arguments(p)
   p.add_argument("--save-prob", action="store_true", help="also write NAME_prob.npy [H, W, K] float16")
   p.add_argument("--ground-truth", type=Path, help="folder of class-index PNGs named like the images "
                  "(e.g. VOC2012/SegmentationClass): adds NAME_error.png and error maps to the gallery")
@@ -135,9 +137,14 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   input_size = args.input_size or configs.train_config(meta).crop
+  try:
+    tta = test_time_options(args)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   config = InferenceConfig(mode=args.mode, top_k=args.top_k, min_size=args.min_size, proposals=args.proposals,
                            input_size=input_size, batch_size=args.batch_size,
-                           aggregation=args.aggregation, crf=not args.no_crf)
+                           aggregation=args.aggregation, crf=not args.no_crf, **tta)
   try:
     box_source = BoxFiles(args.proposals_from) if args.proposals_from is not None else None
   except BoxFileError as e:
@@ -197,7 +204,7 @@ def segment_all(args, inputs, segmenter, config, box_source, meta) -> int:
       except ImageError as e:
         failed.append(str(e))
         continue
-      small = shrink(image, args.max_side)
+      small = image if args.tile else shrink(image, args.max_side)  # tiles: full resolution
       try:
         boxes = user_boxes(box_source, path.stem, image, small) if box_source is not None else None
       except BoxFileError as e:
