@@ -78,6 +78,21 @@ def crf_labels(image, prob, params: CRFParams = CRFParams()) -> np.ndarray:
   return dense_crf(image, prob, params).argmax(-1).astype(np.uint8)
 
 
+def worker_pool(processes: int | None) -> concurrent.futures.ProcessPoolExecutor:
+  """A pool for dense_crf whose workers hold only this module and NumPy.
+
+  Not forked from this process: forking one that holds JAX/XLA threads can deadlock. Spawned
+  workers re-import the main script, and with it JAX (250-450 MB each, measured by soak.py);
+  where there is a fork server, it starts from a clean interpreter with nothing preloaded.
+  """
+  if "forkserver" in multiprocessing.get_all_start_methods():
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([])
+  else:
+    context = multiprocessing.get_context("spawn")
+  return concurrent.futures.ProcessPoolExecutor(processes, mp_context=context)
+
+
 def dense_crf_many(images: list, probs: list, params: CRFParams = CRFParams(),
                    processes: int | None = None) -> list[np.ndarray]:
   """`dense_crf` over many images, in input order, on up to `processes` processes (None: all cores)."""
@@ -86,7 +101,5 @@ def dense_crf_many(images: list, probs: list, params: CRFParams = CRFParams(),
   workers = min((os.cpu_count() or 1) if processes is None else processes, len(images))
   if workers <= 1:
     return [dense_crf(image, prob, params) for image, prob in zip(images, probs)]
-  # Spawned, not forked: forking a process that holds JAX/XLA threads can deadlock.
-  context = multiprocessing.get_context("spawn")
-  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+  with worker_pool(workers) as pool:
     return list(pool.map(dense_crf, images, probs, itertools.repeat(params, len(images))))

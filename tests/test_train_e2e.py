@@ -163,6 +163,16 @@ def test_infer_on_a_folder_writes_outputs_and_reports_bad_files(data, tmp_path, 
   assert f"0 segmented, {len(ok)} skipped" in capsys.readouterr().out
   assert infer.main(["--input", str(folder), "--output", str(out)]) == 2  # no checkpoint: says how
   assert "python train.py" in capsys.readouterr().err
+  # Two files of one name and two suffixes keep apart (not one overwriting the other).
+  twins = tmp_path / "twins"
+  twins.mkdir()
+  Image.open(folder / "tiny.png").save(twins / "a.png")
+  Image.open(folder / "large.png").save(twins / "a.jpg")
+  infer.main(["--checkpoint", str(tmp_path / "run"), "--input", str(twins), "--output", str(tmp_path / "o2"),
+              "--no-crf", "--mode", "whole"])
+  assert "output name(s) shared" in capsys.readouterr().err
+  assert Image.open(tmp_path / "o2" / "a_png.png").size == (30, 20)
+  assert Image.open(tmp_path / "o2" / "a_jpg.png").size == (320, 128)
 
 
 def test_mismatched_workdir_and_init_from_are_clear_errors(data, tmp_path, capsys):

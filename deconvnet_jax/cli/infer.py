@@ -18,8 +18,8 @@ checkpoint folded by `batchnorm.py fold` loads as it is.
 """
 
 import argparse
+import collections
 import concurrent.futures
-import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -78,7 +78,11 @@ def parse_args(argv=None):
 
 
 def find_inputs(paths: list[Path], recursive: bool) -> list[tuple[Path, Path]]:
-  """(file, output name relative to its input root, without suffix) for every input image."""
+  """(file, output name relative to its input root, without suffix) for every input image.
+
+  Files whose names differ only in the suffix (a.png, a.jpg) would share outputs: theirs keep the
+  suffix in the name (a_png, a_jpg), with a note.
+  """
   found = []
   for root in paths:
     if root.is_dir():
@@ -87,7 +91,13 @@ def find_inputs(paths: list[Path], recursive: bool) -> list[tuple[Path, Path]]:
                 if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
     else:
       found.append((root, Path(root.stem)))
-  return found
+  names = collections.Counter(name for _, name in found)
+  shared = {name for name, n in names.items() if n > 1}
+  if shared:
+    print(f"note: {len(shared)} output name(s) shared by several inputs (e.g. {sorted(shared)[0]}): their "
+          "outputs keep the file's suffix, e.g. NAME_jpg.png", file=sys.stderr)
+  return [(f, name.with_name(f"{name.name}_{f.suffix.lstrip('.').lower()}") if name in shared else name)
+          for f, name in found]
 
 
 def shrink(image: np.ndarray, max_side: int) -> np.ndarray:
@@ -179,9 +189,7 @@ def segment_all(args, inputs, segmenter, config, box_source, meta) -> int:
   """Segments `inputs` into args.output: the loop behind main, with the CRF in a process pool."""
   failed, done, skipped, entries = [], [], 0, []
   totals = dict.fromkeys(("proposals", "network", "aggregation", "crf"), 0.0)
-  # Spawned, not forked: this process holds XLA's threads.
-  pool = concurrent.futures.ProcessPoolExecutor(
-      args.crf_processes, mp_context=multiprocessing.get_context("spawn")) if config.crf else None
+  pool = crf.worker_pool(args.crf_processes) if config.crf else None
   pending = {}
 
   def finish(future):
