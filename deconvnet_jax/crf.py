@@ -47,7 +47,7 @@ def _checked(image, prob) -> tuple[np.ndarray, np.ndarray]:
 def check_available():
   """Raises the ImportError with install instructions now, rather than in a worker later."""
   try:
-    import pydensecrf.densecrf  # pylint: disable=import-outside-toplevel,unused-import
+    import pydensecrf.densecrf  # noqa: F401 - only whether it imports
   except ImportError as e:
     raise ImportError(INSTALL_HINT) from e
 
