@@ -40,6 +40,19 @@ def _manager(directory: Path, keep: int | None, create=True) -> ocp.CheckpointMa
 ORBAX_TMP = ".orbax-checkpoint-tmp"  # the suffix of orbax's folders being written
 
 
+def _remove_until_quiet(directory: Path, pattern: str, quiet: float = 0.5, limit: float = 30.0):
+  """Removes what matches until none has come back for `quiet` seconds: when one of a save's
+  writers fails, orbax's others (tensorstore threads) may still be creating files in its folder."""
+  deadline = time.monotonic() + limit
+  while time.monotonic() < deadline:
+    found = list(directory.glob(pattern))
+    for path in found:
+      shutil.rmtree(path, ignore_errors=True)
+    time.sleep(quiet)
+    if not found and not list(directory.glob(pattern)):
+      return
+
+
 def _meta_args():
   return ocp.args.Composite(meta=ocp.args.JsonRestore())
 
@@ -92,8 +105,9 @@ class Checkpoints:
       failed = ", ".join(str(s) for s in self._saving)
       self._saving = []
       for manager in (self.latest, self.best):
-        for tmp in Path(manager.directory).glob(f"*{ORBAX_TMP}*"):
-          shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(Exception):
+          manager.wait_until_finished()
+        _remove_until_quiet(Path(manager.directory), f"*{ORBAX_TMP}*")
       intact = [s for s in self.latest.all_steps(read=True) if (self.workdir / "checkpoints" / str(s)).is_dir()]
       raise CheckpointError(
           f"{self.workdir / 'checkpoints'}: could not write step {failed} ({_brief(e)}); "
