@@ -5,7 +5,7 @@ Runs deconvnet_jax/cli/convert_caffe.py, as the installed `deconvnet-convert-caf
 
 import sys
 
-from deconvnet_jax.cli.convert_caffe import main
-
 if __name__ == "__main__":
+  # Imported here, not above: worker processes (the CRF's) re-import this file, and need none of it.
+  from deconvnet_jax.cli.convert_caffe import main
   sys.exit(main())

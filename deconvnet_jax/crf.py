@@ -79,11 +79,13 @@ def crf_labels(image, prob, params: CRFParams = CRFParams()) -> np.ndarray:
 
 
 def worker_pool(processes: int | None) -> concurrent.futures.ProcessPoolExecutor:
-  """A pool for dense_crf whose workers hold only this module and NumPy.
+  """A pool for dense_crf: processes that hold this module and NumPy, not JAX.
 
-  Not forked from this process: forking one that holds JAX/XLA threads can deadlock. Spawned
-  workers re-import the main script, and with it JAX (250-450 MB each, measured by soak.py);
-  where there is a fork server, it starts from a clean interpreter with nothing preloaded.
+  Not forked from this process: forking one that holds JAX/XLA threads can deadlock. Where
+  there is a fork server, workers fork from it (a clean, single-threaded interpreter: quick to
+  start); else they are spawned. Either way each re-imports the main script, so the scripts
+  import their program only under `if __name__ == "__main__"` (soak.py measured 250-450 MB
+  per worker when they did not).
   """
   if "forkserver" in multiprocessing.get_all_start_methods():
     context = multiprocessing.get_context("forkserver")
