@@ -10,7 +10,6 @@ so a killed run never leaves a half-written checkpoint behind.
 
 import contextlib
 import dataclasses
-import os
 import shutil
 import sys
 import time
@@ -24,6 +23,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from deconvnet_jax.configs import ModelConfig
+from deconvnet_jax.images import atomic_dir
 from deconvnet_jax.models import build_model, set_variables
 
 
@@ -255,20 +255,10 @@ def check_new_dir(out):
 
 def write_checkpoint(out, variables: dict, meta: dict):
   """A one-step work dir at `out` that load_model and --init-from read, renamed into place when complete."""
-  out = Path(out)
   check_new_dir(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-  shutil.rmtree(tmp, ignore_errors=True)
-  try:
+  with atomic_dir(out) as tmp:
     ckpt = Checkpoints(tmp, keep=1)
     step = int(meta.get("step") or 0)
     ckpt.save(step, variables, {"step": np.int32(step)}, meta)
     ckpt.wait()
     ckpt.close()
-    if out.exists():
-      out.rmdir()
-    tmp.rename(out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise

@@ -11,8 +11,6 @@ OUT/ holds:
 """
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import jax
@@ -27,6 +25,7 @@ def export_model(model, out, class_names, input_size: int, source: str = "") -> 
 
   from deconvnet_jax.batchnorm import fold_model
   from deconvnet_jax.checkpoints import check_new_dir
+  from deconvnet_jax.images import atomic_dir
   from deconvnet_jax.normalization import normalize
 
   out = Path(out)
@@ -49,19 +48,10 @@ def export_model(model, out, class_names, input_size: int, source: str = "") -> 
           "input": "RGB uint8 [batch, input_size, input_size, 3]",
           "output": f"logits float32 [batch, input_size, input_size, {len(class_names)}]",
           "source": source, "arch": model.config.arch, "input_norm": norm}
-  tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir(parents=True)
-  try:
+  with atomic_dir(out) as tmp:
     (tmp / "model.jaxexport").write_bytes(exported.serialize())
     np.savez(tmp / "params.npz", **{f"p{i}": np.asarray(p) for i, p in enumerate(leaves)})
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    if out.exists():
-      out.rmdir()
-    tmp.rename(out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return meta
 
 

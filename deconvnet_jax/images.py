@@ -3,6 +3,7 @@
 import contextlib
 import io
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -77,6 +78,24 @@ def atomic_path(path):
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)
+    raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+  """Yields a new temporary folder beside `path` (absent, or an empty folder), renamed onto it only
+  if the block succeeds: a folder of several files appears whole or not at all."""
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir(parents=True)
+  try:
+    yield tmp
+    if path.exists():
+      path.rmdir()
+    tmp.rename(path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
     raise
 
 
