@@ -13,7 +13,7 @@ import numpy as np
 
 from deconvnet_jax.configs import json_digest
 from deconvnet_jax.labels import VOID
-from deconvnet_jax.images import atomic_path
+from deconvnet_jax.images import save_text_atomic
 
 
 def class_pixel_counts(labels: Iterable[np.ndarray], num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -46,8 +46,6 @@ def cached_weights(path: Path, key: dict, labels: Iterable[np.ndarray], num_clas
       return np.asarray(saved["weights"])
   pixels, image_pixels = class_pixel_counts(labels, num_classes)
   weights = median_frequency_weights(pixels, image_pixels)
-  with atomic_path(path) as tmp:
-    Path(tmp).write_text(json.dumps({"key": digest, "source": key, "weights": weights.tolist(),
-                                     "pixels": pixels.tolist(), "image_pixels": image_pixels.tolist()},
-                                    indent=1))
+  save_text_atomic(json.dumps({"key": digest, "source": key, "weights": weights.tolist(),
+                               "pixels": pixels.tolist(), "image_pixels": image_pixels.tolist()}, indent=1), path)
   return weights

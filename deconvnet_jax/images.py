@@ -104,6 +104,11 @@ def save_atomic(image: Image.Image, path, **kwargs):
     image.save(tmp, **kwargs)
 
 
+def save_text_atomic(text: str, path):
+  with atomic_path(path) as tmp:
+    Path(tmp).write_text(text, encoding="utf-8")
+
+
 def save_npy_atomic(array: np.ndarray, path):
   with atomic_path(path) as tmp:
     np.save(tmp, array)

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from deconvnet_jax.labels import voc_colormap
-from deconvnet_jax.images import atomic_path
+from deconvnet_jax.images import save_text_atomic
 
 
 def palette_image(mask: np.ndarray) -> Image.Image:
@@ -80,8 +80,7 @@ border:1px solid #555}} .class{{white-space:nowrap}} .failed{{color:#a00}}</styl
 </table></body></html>
 """
   path = out_dir / "index.html"
-  with atomic_path(path) as tmp:
-    Path(tmp).write_text(page, encoding="utf-8")
+  save_text_atomic(page, path)
   return path
 
 

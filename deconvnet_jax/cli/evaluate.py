@@ -27,7 +27,7 @@ from tqdm import tqdm
 from deconvnet_jax import aggregate, checkpoints, configs, crf, metrics
 from deconvnet_jax.box_files import BoxFileError, BoxFiles
 from deconvnet_jax.data import sources
-from deconvnet_jax.images import atomic_path, save_atomic
+from deconvnet_jax.images import atomic_path, save_atomic, save_text_atomic
 from deconvnet_jax.inference import (PROPOSALS, PROPOSALS_HELP, InferenceConfig, Segmenter, add_test_time_arguments,
                                      test_time_options)
 from deconvnet_jax.labels import DataError, Example
@@ -180,10 +180,10 @@ def evaluate(args) -> int:
   rows = {name: metrics.summary(c) for name, c in totals.items()}
   table = results_table(rows)
   print(f"{len(ids)} images of {ds.name}\n{table}")
-  write_text(out_dir / "results.md", table + "\n\n" + class_table(rows, meta["class_names"]) + "\n")
-  write_text(out_dir / "results.json", json.dumps(
+  save_text_atomic(table + "\n\n" + class_table(rows, meta["class_names"]) + "\n", out_dir / "results.md")
+  save_text_atomic(json.dumps(
       {"split": split, "data": ds.name, "images": len(ids), "variants": rows, "class_names": meta["class_names"]},
-      indent=2))
+      indent=2), out_dir / "results.json")
   write_confusion(out_dir / "confusion", totals, meta["class_names"], ds.name)
   if args.curve:
     xs = sorted(args.curve)
@@ -218,15 +218,11 @@ def write_confusion(folder: Path, totals: dict, class_names, data_name: str) -> 
   for name, conf in totals.items():
     stem = "".join(c if c.isalnum() else "_" for c in name).strip("_")
     rows = metrics.normalized_rows(conf)
-    write_text(folder / f"{stem}.json", json.dumps(
+    save_text_atomic(json.dumps(
         {"variant": name, "class_names": list(class_names), "rows": "ground truth", "columns": "prediction",
-         "counts": conf.tolist(), "normalized": [[None if np.isnan(v) else round(float(v), 5) for v in r] for r in rows]}))
+         "counts": conf.tolist(), "normalized": [[None if np.isnan(v) else round(float(v), 5) for v in r] for r in rows]}),
+        folder / f"{stem}.json")
     save_atomic(confusion_plot(rows, class_names, f"{name} on {data_name}"), folder / f"{stem}.png")
-
-
-def write_text(path: Path, text: str) -> None:
-  with atomic_path(path) as tmp:
-    Path(tmp).write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":
