@@ -23,7 +23,7 @@ from deconvnet_jax.configs import TrainConfig
 from deconvnet_jax.data import examples as ex_lib
 from deconvnet_jax.data import pipeline, sources
 from deconvnet_jax.data import items as items_lib
-from deconvnet_jax.images import atomic_path
+from deconvnet_jax.images import save_text_atomic
 from deconvnet_jax.normalization import normalize
 from deconvnet_jax.tensorboard import RunWriter
 from deconvnet_jax.labels import DataError
@@ -294,8 +294,7 @@ def _train(cfg: TrainConfig, train_set, val_set, mesh, ckpt, t_start) -> Result:
   forward = training.jit_eval_logits(graphdef, mesh)
   meta = checkpoints.model_meta(cfg.model, train_set.class_names, train_config=configs.to_json(cfg))
   if jax.process_index() == 0:
-    with atomic_path(cfg.workdir / "config.json") as tmp:
-      Path(tmp).write_text(json.dumps(meta, indent=2))
+    save_text_atomic(json.dumps(meta, indent=2), cfg.workdir / "config.json")
   print(f"model {cfg.model_name}; {mesh.size} {jax.devices()[0].platform} device(s); work dir {cfg.workdir}")
   if cfg.accumulate > 1:
     print(f"gradient accumulation: {cfg.accumulate} micro-batches of {cfg.batch_size} per step "
@@ -328,16 +327,17 @@ def _train(cfg: TrainConfig, train_set, val_set, mesh, ckpt, t_start) -> Result:
         rate = (step - start_step) * step_batch / (time.perf_counter() - t0)
         record = _step_record(cfg, step, m, rate)
         bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{rate:.1f}")
-        evaluated = step % cfg.eval_every == 0 or last
-        if evaluated:
+        samples = None
+        if step % cfg.eval_every == 0 or last:
           record |= evaluate_now(state)
           _report(bar, record, train_set.class_names)
+          # On every host, like evaluate: the forward is one program over all devices.
+          samples = sample_predictions(forward, state, val_set, cfg.batch_size, cfg.model.input_norm)
         if events:
           append_line(cfg.workdir / "metrics.jsonl", json.dumps(record))
           events.record(record, float(lr(step - 1)))
-          if evaluated:
-            events.predictions(step, *sample_predictions(forward, state, val_set, cfg.batch_size,
-                                                         cfg.model.input_norm))
+          if samples:
+            events.predictions(step, *samples)
       if (step % cfg.save_every == 0 or last or received) and step > start_step:
         _save(ckpt, state, step, meta, record)
     ckpt.wait()
