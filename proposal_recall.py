@@ -6,7 +6,9 @@
   python proposal_recall.py                      # the generated dataset's val split
 
 Prints a Markdown table: per generator, recall@K for K = 1, 2, 5, 10, 20, 50 at
-IoU >= 0.5 and 0.7 (--recall-iou), and the seconds per image.
+IoU >= 0.5 and 0.7 (--recall-iou), and the seconds per image. Two yardsticks
+may join as rows: random_windows (chance) and oracle_edges (EdgeBoxes given the
+ground truth's boundaries as its edge map: what a perfect edge detector gives).
 """
 
 import argparse
@@ -16,12 +18,14 @@ import time
 import numpy as np
 import tqdm
 
-from deconvnet_jax import proposals
+from deconvnet_jax import edge_boxes, proposals
+from deconvnet_jax.boxes import nms
 from deconvnet_jax.data import sources
 from deconvnet_jax.labels import DataError
 
 
 RANDOM = "random_windows"
+ORACLE = "oracle_edges"
 KS = (1, 2, 5, 10, 20, 50)
 
 
@@ -34,9 +38,10 @@ def parse_args(argv=None):
   p.add_argument("--min-size", type=float, default=None,
                  help="smallest proposal side in px (default: 112 scaled to the image; 0: none)")
   p.add_argument("--iou-threshold", type=float, help="NMS threshold (default: the generator's)")
-  p.add_argument("--generator", nargs="+", choices=(*proposals.GENERATORS, RANDOM), default=["windows"],
-                 help=f"one or more; {RANDOM!r} is the baseline: the sliding windows in a seeded random "
-                      "order, no objectness, no NMS")
+  p.add_argument("--generator", nargs="+", choices=(*proposals.GENERATORS, RANDOM, ORACLE), default=["windows"],
+                 help=f"one or more; two yardsticks: {RANDOM!r}, the sliding windows in a seeded random "
+                      f"order (no objectness, no NMS), and {ORACLE!r}, EdgeBoxes on the ground truth's own "
+                      "instance boundaries (the ceiling of any edge map)")
   p.add_argument("--recall-iou", type=float, nargs="+", default=[0.5, 0.7])
   return p, p.parse_args(argv)
 
@@ -69,12 +74,16 @@ def run(split, generator: str, args) -> tuple[list, list, float]:
   found, gt, seconds = [], [], 0.0
   for i in tqdm.trange(len(split), desc=generator, leave=False, disable=None):
     example = split[i]
+    height, width = example.image.shape[:2]
+    min_size = proposals.default_min_size(height, width) if args.min_size is None else args.min_size
     start = time.perf_counter()
     if generator == RANDOM:
-      height, width = example.image.shape[:2]
-      min_size = proposals.default_min_size(height, width) if args.min_size is None else args.min_size
       windows = proposals.sliding_windows(height, width, min_size=min_size)
       boxes = windows[rng.permutation(len(windows))[:args.top_k]]
+    elif generator == ORACLE:
+      boxes, scores = edge_boxes.edge_boxes(example.image, min_size, edge_boxes.boundary_edges(example.instances))
+      iou_threshold = proposals.NMS_THRESHOLD["edge_boxes"] if args.iou_threshold is None else args.iou_threshold
+      boxes = boxes[nms(boxes, scores, iou_threshold, args.top_k)]
     else:
       boxes, _ = proposals.propose(example.image, args.top_k, args.min_size, args.iou_threshold, generator)
     seconds += time.perf_counter() - start

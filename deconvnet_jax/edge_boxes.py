@@ -69,6 +69,27 @@ def edge_map(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return (strength * _ridge(strength, theta)).astype(np.float32), theta
 
 
+def boundary_edges(instances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The edge map of an [H, W] instance map, as `edge_map` returns it: its boundaries alone.
+
+  The ideal edge map (void counts as background): strength 1 on each pixel
+  whose label differs from the one above or to its left, so boundaries are one
+  pixel thick; orientation from the blurred map's gradient. proposal_recall.py
+  scores EdgeBoxes on it to measure the ceiling of any edge map.
+  """
+  label = np.where(instances == 255, 0, instances).astype(np.float64)  # [H, W]
+  on = np.zeros(label.shape, bool)
+  on[:, 1:] |= label[:, 1:] != label[:, :-1]
+  on[1:] |= label[1:] != label[:-1]
+  smooth = scipy.ndimage.gaussian_filter(on.astype(np.float64), EDGE_SIGMA)
+  # The normal is across the boundary band: the major axis of the band's local structure tensor
+  # (the label values' own gradient would turn at junctions with their arbitrary numbers).
+  gx, gy = scipy.ndimage.sobel(smooth, axis=1), scipy.ndimage.sobel(smooth, axis=0)
+  jxx, jyy, jxy = (scipy.ndimage.gaussian_filter(v, EDGE_SIGMA) for v in (gx * gx, gy * gy, gx * gy))
+  theta = np.mod(0.5 * np.arctan2(2 * jxy, jxx - jyy), np.pi).astype(np.float32)
+  return on.astype(np.float32), theta
+
+
 def _ridge(m: np.ndarray, theta: np.ndarray) -> np.ndarray:
   """[H, W] bool: m is a maximum along the direction theta (ties kept), by linear interpolation."""
   h, w = m.shape
@@ -193,8 +214,8 @@ class Scorer:
   Not thread-safe (`full` switches the shared graph's edges per box): one per image and thread.
   """
 
-  def __init__(self, image: np.ndarray):
-    strength, theta = edge_map(image)
+  def __init__(self, image: np.ndarray, edges: tuple[np.ndarray, np.ndarray] | None = None):
+    strength, theta = edge_map(image) if edges is None else edges
     self.groups = edge_groups(strength, theta)
     self.src, self.dst, self.affinity = affinities(self.groups)
     # Group magnitudes placed at their mean positions, and pixel strengths, summed by area.
@@ -287,8 +308,11 @@ class Scorer:
     return np.maximum(2.0 * ((y1 - y0) + (x1 - x0)), 1) ** -KAPPA
 
 
-def edge_boxes(image: np.ndarray, min_size: float = 0) -> tuple[np.ndarray, np.ndarray]:
+def edge_boxes(image: np.ndarray, min_size: float = 0,
+               edges: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Candidates of an [H, W, 3] uint8 image with their EdgeBoxes scores: (boxes [N, 4] int32, scores [N]).
+
+  edges: (strength, orientation) as `edge_map` returns them (None: `edge_map(image)`).
 
   Boxes with a side under `min_size` are left out. The FULL_SCORES best by
   the fast score are scored in full; the rest keep a score below all of them.
@@ -299,7 +323,7 @@ def edge_boxes(image: np.ndarray, min_size: float = 0) -> tuple[np.ndarray, np.n
   boxes = candidates(height, width)
   sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
   boxes = boxes[sides >= min(min_size, height, width)]
-  scorer = Scorer(image)
+  scorer = Scorer(image, edges)
   fast = scorer.fast(boxes)
   best = np.argsort(-fast, kind="stable")[:FULL_SCORES]
   scores = np.full(len(boxes), -np.inf)

@@ -152,3 +152,33 @@ def test_edge_boxes_find_an_object_on_a_plain_background(seed):
   top = boxes[nms(boxes, scores, 0.6, 3)]
   # Edges on a box's border rows count as crossing it, so the best boxes keep a margin.
   assert box_iou([[y0, x0, y0 + h, x0 + w]], top).max() >= 0.5
+
+
+def test_boundary_edges_are_the_instance_boundaries_one_pixel_thick():
+  instances = np.zeros((40, 50), np.uint8)
+  instances[10:30, 5:20] = 1
+  instances[10:30, 20:45] = 2  # touching 1: one boundary between them
+  instances[0:4, :] = 255  # void is background
+  strength, theta = eb.boundary_edges(instances)
+  assert strength.dtype == np.float32 and theta.dtype == np.float32 and strength.shape == instances.shape
+  expected = np.zeros(instances.shape, bool)
+  label = np.where(instances == 255, 0, instances)
+  for y in range(40):  # loop reference: differs from the pixel above or to the left
+    for x in range(50):
+      expected[y, x] = (y > 0 and label[y, x] != label[y - 1, x]) or (x > 0 and label[y, x] != label[y, x - 1])
+  np.testing.assert_array_equal(strength > 0, expected)
+  normal = np.minimum(theta, np.pi - theta)  # distance of the normal from horizontal
+  assert np.all(normal[15:25, 20] < 0.1)  # the vertical boundaries: normal along x
+  assert np.all(np.abs(theta[10, 10:16] - np.pi / 2) < 0.1)  # the horizontal ones (off corners): along y
+
+
+def test_edge_boxes_on_ideal_edges_rank_separate_objects_first():
+  """Given the ideal edge map, the scoring ranks boxes around separate objects above all others."""
+  instances = np.zeros((120, 160), np.uint8)
+  truth = np.array([[15, 10, 60, 55], [50, 90, 105, 150]])
+  for i, (y0, x0, y1, x1) in enumerate(truth, 1):
+    instances[y0:y1, x0:x1] = i
+  image = np.zeros((120, 160, 3), np.uint8)  # no content: the edges come from `instances` alone
+  boxes, scores = eb.edge_boxes(image, edges=eb.boundary_edges(instances))
+  top = boxes[nms(boxes, scores, 0.6, 2)]
+  assert np.all(box_iou(truth, top).max(1) >= 0.7)

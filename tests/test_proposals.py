@@ -184,16 +184,18 @@ def test_selective_search_boxes_inside_image(generated):
 
 def test_recall_tool_prints_recall_table(generated, capsys):
   argv = ["--data", str(generated), "--split", "val", "--top-k", "5", "--limit", "4"]
-  assert proposal_recall.main(argv + ["--generator", "windows", "random_windows"]) == 0
+  assert proposal_recall.main(argv + ["--generator", "windows", "random_windows", "oracle_edges"]) == 0
   lines = capsys.readouterr().out.splitlines()
   assert lines[1] == "| generator | IoU | @1 | @2 | @5 | s/image |"
-  rows = [line.split(" | ") for line in lines[3:7]]
-  assert [(r[0], r[1]) for r in rows] == [("| windows", "0.5"), ("| windows", "0.7"),
-                                          ("| random_windows", "0.5"), ("| random_windows", "0.7")]
+  rows = [line.split(" | ") for line in lines[3:9]]
+  assert [(r[0], r[1]) for r in rows] == [(f"| {g}", iou) for g in ("windows", "random_windows", "oracle_edges")
+                                          for iou in ("0.5", "0.7")]
   for r in rows:  # recall grows with K; IoU 0.7 finds no more than 0.5
     recalls = [float(v) for v in r[2:5]]
     assert recalls == sorted(recalls) and all(0 <= v <= 1 for v in recalls)
   assert all(float(a) >= float(b) for a, b in zip(rows[0][2:5], rows[1][2:5]))
+  # Chance finds little; EdgeBoxes on the ground truth's own boundaries finds most objects in 5.
+  assert float(rows[2][4]) < float(rows[0][4]) <= float(rows[4][4]) and float(rows[4][4]) >= 0.6
   assert lines[-1].endswith("objects")
 
 
