@@ -22,6 +22,9 @@ import numpy as np
 
 SUFFIXES = (".json", ".csv", ".npy")
 TOLERANCE = 1.0  # pixels a box may reach past the image before it is an error
+# The scripts' --proposals-from help; ID is the image's id (infer.py: its file name without suffix).
+HELP = ("DIR/ID.json|csv|npy per image or one JSON {ID: boxes}; pixel (x0, y0, x1, y1), scores optional "
+        "(see deconvnet_jax/box_files.py)")
 
 
 class BoxFileError(ValueError):

@@ -24,7 +24,6 @@ from deconvnet_jax.data import examples as ex_lib
 from deconvnet_jax.data import pipeline, sources
 from deconvnet_jax.data import items as items_lib
 from deconvnet_jax.images import save_text_atomic
-from deconvnet_jax.normalization import normalize
 from deconvnet_jax.tensorboard import RunWriter
 from deconvnet_jax.labels import DataError
 from deconvnet_jax.models import build_model, min_input_size, set_variables
@@ -140,8 +139,7 @@ def sample_predictions(forward, state, examples, batch_size: int, norm: str, n: 
   for i in range(min(n, len(examples))):
     ex = examples[i]
     h, w = ex.label.shape
-    x = np.zeros((batch_size, -(-h // 32) * 32, -(-w // 32) * 32, 3), np.float32)
-    x[0, :h, :w] = normalize(ex.image, norm)
+    (x, _), = pipeline.padded_eval_batches([ex], batch_size, norm, threads=1)
     preds.append(np.asarray(forward(state.params, state.batch_stats, x))[0, :h, :w].argmax(-1))
     images.append(ex.image)
     truths.append(ex.label)

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from deconvnet_jax import aggregate, checkpoints, configs, crf, metrics
-from deconvnet_jax.box_files import BoxFileError, BoxFiles
+from deconvnet_jax.box_files import HELP as BOX_FILES_HELP, BoxFileError, BoxFiles
 from deconvnet_jax.data import sources
 from deconvnet_jax.images import atomic_path, save_atomic, save_text_atomic
 from deconvnet_jax.inference import (PROPOSALS, PROPOSALS_HELP, InferenceConfig, Segmenter, add_test_time_arguments,
@@ -49,8 +49,7 @@ def parse_args(argv=None):
                  help="one or more, side by side: " + PROPOSALS_HELP)
   p.add_argument("--curve", type=int, nargs="*", help="also score these proposal counts, e.g. 1 2 5 10 20 50")
   p.add_argument("--proposals-from", type=Path, metavar="DIR|FILE",
-                 help="proposals from elsewhere: DIR/ID.json|csv|npy per image or one JSON {ID: boxes}; "
-                      "pixel (x0, y0, x1, y1), scores optional (see deconvnet_jax/box_files.py)")
+                 help="proposals from elsewhere: " + BOX_FILES_HELP)
   p.add_argument("--input-size", type=int)
   p.add_argument("--chunk", type=int, default=8, help="images whose CRFs run in parallel at a time")
   p.add_argument("--crf-processes", type=int)

@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from deconvnet_jax import checkpoints, configs, crf
-from deconvnet_jax.box_files import BoxFileError, BoxFiles
+from deconvnet_jax.box_files import HELP as BOX_FILES_HELP, BoxFileError, BoxFiles
 from deconvnet_jax.images import IMAGE_SUFFIXES, ImageError, load_rgb, save_atomic, save_npy_atomic
 from deconvnet_jax.inference import (PROPOSALS, PROPOSALS_HELP, InferenceConfig, Segmenter, add_test_time_arguments,
                                      test_time_options)
@@ -54,9 +54,8 @@ def parse_args(argv=None):
   p.add_argument("--min-size", type=float, help="drop proposals with a side under this (px); "
                                                 "default 112 px scaled to the image")
   p.add_argument("--proposals-from", type=Path, metavar="DIR|FILE",
-                 help="use these proposals instead of the generator's: DIR/NAME.json|csv|npy per image "
-                      "(NAME: the image's file name without suffix) or one JSON {NAME: boxes}; pixel "
-                      "(x0, y0, x1, y1), scores optional (see deconvnet_jax/box_files.py)")
+                 help="use these proposals instead of the generator's (ID: each image's file name without "
+                      "suffix): " + BOX_FILES_HELP)
   p.add_argument("--input-size", type=int, help="proposal crop side fed to the network "
                                                 "(default: the crop size the checkpoint trained on)")
   p.add_argument("--batch-size", type=int, default=d.batch_size, help="proposals per forward")

@@ -27,7 +27,7 @@ from pathlib import Path
 import jax
 
 from deconvnet_jax import checkpoints, configs, proposals, recipes, train_loop, training
-from deconvnet_jax.box_files import BoxFileError
+from deconvnet_jax.box_files import HELP as BOX_FILES_HELP, BoxFileError
 from deconvnet_jax.configs import DataConfig, TrainConfig
 from deconvnet_jax.data import sources
 from deconvnet_jax.labels import DataError
@@ -50,8 +50,7 @@ def parse_args(argv=None) -> TrainConfig:
   p.add_argument("--proposals", choices=proposals.GENERATORS, default=d.proposals,
                  help="stage 2: the proposal generator, content only (windows, the default: the fastest; see infer.py --help)")
   p.add_argument("--proposals-from", type=Path, metavar="DIR|FILE",
-                 help="stage 2: proposals from elsewhere (e.g. EdgeBoxes' own), DIR/ID.json|csv|npy per "
-                      "image or one JSON {ID: boxes}, pixel (x0, y0, x1, y1); see deconvnet_jax/box_files.py")
+                 help="stage 2: proposals from elsewhere (e.g. EdgeBoxes' own): " + BOX_FILES_HELP)
   p.add_argument("--model", default=d.model_name, choices=sorted(configs.MODELS),
                  help="named model configuration")
   p.add_argument("--num-classes", type=int, help="default: 21 (VOC), 81 with --coco --class-map coco")
