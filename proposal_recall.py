@@ -19,7 +19,6 @@ import numpy as np
 import tqdm
 
 from deconvnet_jax import edge_boxes, proposals
-from deconvnet_jax.boxes import nms
 from deconvnet_jax.data import sources
 from deconvnet_jax.labels import DataError
 
@@ -74,16 +73,15 @@ def run(split, generator: str, args) -> tuple[list, list, float]:
   found, gt, seconds = [], [], 0.0
   for i in tqdm.trange(len(split), desc=generator, leave=False, disable=None):
     example = split[i]
-    height, width = example.image.shape[:2]
-    min_size = proposals.default_min_size(height, width) if args.min_size is None else args.min_size
     start = time.perf_counter()
     if generator == RANDOM:
+      height, width = example.image.shape[:2]
+      min_size = proposals.default_min_size(height, width) if args.min_size is None else args.min_size
       windows = proposals.sliding_windows(height, width, min_size=min_size)
       boxes = windows[rng.permutation(len(windows))[:args.top_k]]
     elif generator == ORACLE:
-      boxes, scores = edge_boxes.edge_boxes(example.image, min_size, edge_boxes.boundary_edges(example.instances))
-      iou_threshold = proposals.NMS_THRESHOLD["edge_boxes"] if args.iou_threshold is None else args.iou_threshold
-      boxes = boxes[nms(boxes, scores, iou_threshold, args.top_k)]
+      boxes, _ = proposals.propose(example.image, args.top_k, args.min_size, args.iou_threshold, "edge_boxes",
+                                   edges=edge_boxes.boundary_edges(example.instances))
     else:
       boxes, _ = proposals.propose(example.image, args.top_k, args.min_size, args.iou_threshold, generator)
     seconds += time.perf_counter() - start

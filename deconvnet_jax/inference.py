@@ -146,7 +146,7 @@ class Segmenter:
     start = time.perf_counter()
     scores = np.zeros((0, s, s, self.net.config.num_classes), np.float32)  # no proposals: nothing to add
     if len(squares):
-      scores = average_views(lambda x: self._batched(x), crops[:len(squares)], cfg.flip, cfg.scales)
+      scores = average_views(self._batched, crops, cfg.flip, cfg.scales)
     seconds["network"] += time.perf_counter() - start
     return scores, squares
 

@@ -168,7 +168,8 @@ def selective_search(image: np.ndarray, quality: bool = False) -> np.ndarray:
 
 
 def propose(image: np.ndarray, top_k: int = 50, min_size: float | None = None,
-            iou_threshold: float | None = None, generator: str = "windows") -> tuple[np.ndarray, np.ndarray]:
+            iou_threshold: float | None = None, generator: str = "windows",
+            edges: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Top-K proposals of an [H, W, 3] uint8 image: (boxes [K, 4] int32, scores [K]), best first.
 
   Candidates -> scores -> NMS. `generator` is one of GENERATORS:
@@ -177,6 +178,7 @@ def propose(image: np.ndarray, top_k: int = 50, min_size: float | None = None,
   `objectness`). No candidate has a side under `min_size` (None:
   `default_min_size`, the reference's 112 px scaled to the image; 0: no limit).
   iou_threshold: NMS's (None: the generator's, NMS_THRESHOLD).
+  edges: edge_boxes only: its edge map (strength, orientation), instead of the image's own.
   """
   height, width = np.shape(image)[:2]
   if generator not in GENERATORS:
@@ -186,7 +188,7 @@ def propose(image: np.ndarray, top_k: int = 50, min_size: float | None = None,
   if iou_threshold is None:
     iou_threshold = NMS_THRESHOLD[generator]
   if generator == "edge_boxes":
-    candidates, scores = edge_boxes.edge_boxes(image, min_size)
+    candidates, scores = edge_boxes.edge_boxes(image, min_size, edges)
   else:
     if generator == "windows":
       candidates = sliding_windows(height, width, min_size=min_size)
