@@ -58,7 +58,13 @@ def load_rgb(path) -> np.ndarray:
 
 
 def _umask() -> int:
-  """The process's umask (os.umask can only be read by setting it)."""
+  """The process's umask: from /proc on Linux; elsewhere by setting it and back (os.umask can only
+  be read so), which another thread creating a file at that moment would see."""
+  with contextlib.suppress(OSError, ValueError):
+    with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
   mask = os.umask(0o022)
   os.umask(mask)
   return mask
