@@ -10,7 +10,11 @@ Times are medians over --repeats runs after a compile-and-warm-up run.
 import argparse
 import time
 
-import jax
+from deconvnet_jax.host_memory import reuse_freed_memory
+
+reuse_freed_memory()  # as the command-line programs do, before JAX starts its threads: see host_memory.py
+
+import jax  # noqa: E402
 import jax.numpy as jnp
 import numpy as np
 
