@@ -8,7 +8,11 @@ Times are medians over --repeats runs after a compile-and-warm-up run.
 """
 
 import argparse
+import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 from deconvnet_jax.host_memory import reuse_freed_memory
 
@@ -150,31 +154,38 @@ def main():
     print(f"| {name} | {t / b:.3f} | {b / t:.2f} | {g:.0f} | {g / best:.0%} |")
   print(f"| pool + unpool (fwd+bwd) share of the train step | {share:.1%} | | | |")
   if args.torch_rounds:
-    torch_table(config, b, size, args.repeats, args.torch_rounds, rounds, ours)
+    torch_table(args.config, b, size, args.repeats, args.torch_rounds, rounds, ours)
   if args.accumulate > 1:
     accumulation_table(graphdef, tx, mesh, holder, batch, t_step, args.accumulate, args.repeats)
   if args.inference:
     inference_table(nnx.merge(graphdef, holder[0].params, holder[0].batch_stats), args.repeats)
 
 
-def torch_table(config, b: int, size: int, repeats: int, n: int, rounds: list, ours):
-  """The same network in PyTorch eager, float32 and bf16 autocast, in rounds alternating with ours."""
+def torch_table(config_name: str, b: int, size: int, repeats: int, n: int, rounds: list, ours):
+  """The same network in PyTorch eager, float32 and bf16 autocast, in rounds alternating with ours.
+
+  Each PyTorch timing is a process of its own (`bench_torch.py`): sharing this one, its tensors would stay in the
+  heap that `reuse_freed_memory` keeps, and our next round measured 40% slower for it.
+  """
   try:
-    import bench_torch  # needs torch
+    import torch  # only to know it is there, and its version
   except ImportError:
     print("\n(torch not installed: no PyTorch rows; pip install torch==2.13.0 for the CPU build)")
     return
-  import torch
   theirs = {"float32": [], "bf16 autocast": []}
   if not cpu_has_bf16():
     print("\n(this CPU has no avx512_bf16 / amx_bf16: PyTorch's bf16 autocast would be emulated; "
           "its row is skipped)")
     del theirs["bf16 autocast"]
+  script = Path(__file__).with_name("bench_torch.py")
   for r in range(n):
     if r:
       rounds.append(ours())
     for name in theirs:
-      theirs[name].append(bench_torch.timings(config, b, size, repeats, bf16=name != "float32"))
+      command = [sys.executable, str(script), "--config", config_name, "--batch", str(b), "--size", str(size),
+                 "--repeats", str(repeats)] + ["--bf16"] * (name != "float32")
+      out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+      theirs[name].append(json.loads(out.splitlines()[-1]))
   bf16_header = " | PyTorch bf16 autocast" if "bf16 autocast" in theirs else ""
   span = lambda xs: f"{min(xs):.2f}" if len(xs) == 1 or f"{min(xs):.2f}" == f"{max(xs):.2f}" else \
       f"{min(xs):.2f}-{max(xs):.2f}"

@@ -6,15 +6,27 @@ unpooling with the pooling indices, 3x3 transposed convs, BatchNorm + ReLU
 after each, a 1x1 score. SGD with momentum 0.9 and weight decay 5e-4 (on all
 parameters: the difference is negligible in time). Needs torch (CPU build:
 torch==2.13.0); the library does not.
+
+bench.py runs it as its own process each round (`python bench_torch.py --config
+paper ...` prints the timings as JSON), so that neither framework's memory
+shapes the other's heap; it sets glibc's malloc as bench.py does (`host_memory`).
 """
 
+import argparse
+import json
 import time
+
+from deconvnet_jax.host_memory import reuse_freed_memory
+
+reuse_freed_memory()  # before torch starts its threads, as bench.py does for JAX
+
+# ruff: noqa: E402
 
 import numpy as np
 import torch
 from torch import nn
 
-from deconvnet_jax.configs import ModelConfig
+from deconvnet_jax.configs import ModelConfig, model_config
 from deconvnet_jax.models import DECODER_PLAN, VGG16_PLAN
 
 
@@ -99,3 +111,18 @@ def median_seconds(fn, repeats: int) -> float:
     fn()
     times.append(time.perf_counter() - start)
   return float(np.median(times))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default="paper")
+  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--size", type=int, default=224)
+  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+  args = parser.parse_args()
+  print(json.dumps(timings(model_config(args.config), args.batch, args.size, args.repeats, args.bf16)))
+
+
+if __name__ == "__main__":
+  main()
