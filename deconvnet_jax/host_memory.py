@@ -4,9 +4,10 @@ XLA's CPU runtime allocates a program's buffers (hundreds of MB to GB) afresh on
 every call, from its worker threads. glibc serves allocations that large from
 threads with `mmap` and unmaps them on `free`, so every call touches fresh
 pages, which the kernel must fault in and zero: 666,000 page faults (2.7 GB) per
-paper-network train step at batch 2, about a third of the step on a 2-core AMD
-EPYC. With one arena, no `mmap` and no trimming, freed buffers are reused: no
-faults, and the step went from 3.4 to 2.4 s an image (README, *Benchmark*).
+paper-network train step at batch 2 on a 2-core AMD EPYC. With one arena, no
+`mmap` and no trimming, freed buffers are reused once the heap has grown to a
+step's size: no faults, and the paper step at batch 4 went from 3.58 to 2.29 s
+an image (README, *Benchmark*). The process keeps its peak heap in exchange.
 
 The command-line programs call `reuse_freed_memory()` before JAX starts;
 `DECONVNET_MALLOC=system` leaves glibc's own settings. A process that preloads
