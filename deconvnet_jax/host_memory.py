@@ -9,13 +9,18 @@ paper-network train step at batch 2 on a 2-core AMD EPYC. With one arena, no
 step's size: no faults, and the paper step at batch 4 went from 3.58 to 2.29 s
 an image (README, *Benchmark*). The process keeps its peak heap in exchange.
 
-The command-line programs call `reuse_freed_memory()` before JAX starts;
-`DECONVNET_MALLOC=system` leaves glibc's own settings. A process that preloads
-another allocator (tcmalloc, jemalloc) keeps it: their `mallopt` ignores these.
+The command-line programs call `reuse_freed_memory()` before JAX starts. It
+acts where the CPU is the compute device: not where a TPU or GPU plugin for JAX
+is installed (there the host runs the input pipeline's threads, which one arena
+would make queue for malloc's lock), unless `DECONVNET_MALLOC=reuse`.
+`DECONVNET_MALLOC=system` leaves glibc's own settings everywhere. A process
+that preloads another allocator (tcmalloc, jemalloc) keeps it: their `mallopt`
+ignores these.
 """
 
 import ctypes
 import os
+import pkgutil
 import sys
 
 ENV = "DECONVNET_MALLOC"
@@ -31,12 +36,26 @@ def reuse_freed_memory() -> bool:
 
   Call it before JAX's thread pools start (before the first computation): a
   thread that already has its own arena keeps it. False, and nothing changed,
-  off Linux, without glibc, or with `DECONVNET_MALLOC=system`.
+  off Linux, without glibc, with `DECONVNET_MALLOC=system`, or (unless
+  `DECONVNET_MALLOC=reuse`) where an accelerator plugin is installed.
   """
-  if os.environ.get(ENV, "").lower() == "system" or not sys.platform.startswith("linux"):
+  choice = os.environ.get(ENV, "").lower()
+  if choice == "system" or not sys.platform.startswith("linux"):
+    return False
+  if choice != "reuse" and accelerator_plugin_installed():
     return False
   libc = ctypes.CDLL(None)
   if not hasattr(libc, "gnu_get_libc_version"):  # musl and others: no mallopt to speak of
     return False
   libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
   return all(libc.mallopt(param, value) == 1 for param, value in SETTINGS)
+
+
+def accelerator_plugin_installed() -> bool:
+  """Whether JAX could find a TPU or GPU here (libtpu, jax_cuda*/jax_rocm* plugins), without importing JAX.
+
+  `JAX_PLATFORMS=cpu` says it will not use one.
+  """
+  if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+    return False
+  return any(m.name == "libtpu" or m.name.startswith(("jax_cuda", "jax_rocm")) for m in pkgutil.iter_modules())

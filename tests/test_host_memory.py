@@ -41,6 +41,23 @@ def test_reused_memory_spares_the_page_faults_that_the_system_setting_takes():
   assert reused < 0.02 * system, (reused, system)
 
 
+def test_an_installed_accelerator_plugin_leaves_glibc_alone_unless_asked(tmp_path):
+  plugin = tmp_path / "jax_cuda12_plugin"
+  plugin.mkdir()
+  (plugin / "__init__.py").write_text("")
+  code = "from deconvnet_jax.host_memory import reuse_freed_memory as r; print(r())"
+  base = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  base["PYTHONPATH"] = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+
+  def run(**env):
+    return subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                          check=True).stdout.strip()
+  assert run(DECONVNET_MALLOC="") == "False"  # a (stand-in) CUDA plugin: the host feeds a GPU
+  assert run(DECONVNET_MALLOC="reuse") == "True"
+  assert run(DECONVNET_MALLOC="", JAX_PLATFORMS="cpu") == "True"
+  assert run(DECONVNET_MALLOC="system", JAX_PLATFORMS="cpu") == "False"
+
+
 def test_the_command_line_package_sets_it_before_jax():
   env = dict(os.environ, DECONVNET_MALLOC="reuse")
   code = "import sys, deconvnet_jax.cli; print('jax' in sys.modules)"
