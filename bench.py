@@ -8,6 +8,7 @@ Times are medians over --repeats runs after a compile-and-warm-up run.
 """
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -167,9 +168,7 @@ def torch_table(config_name: str, b: int, size: int, repeats: int, n: int, round
   Each PyTorch timing is a process of its own (`bench_torch.py`): sharing this one, its tensors would stay in the
   heap that `reuse_freed_memory` keeps, and our next round measured 40% slower for it.
   """
-  try:
-    import torch  # only to know it is there, and its version
-  except ImportError:
+  if importlib.util.find_spec("torch") is None:  # not imported here: bench_torch.py's processes run it
     print("\n(torch not installed: no PyTorch rows; pip install torch==2.13.0 for the CPU build)")
     return
   theirs = {"float32": [], "bf16 autocast": []}
@@ -189,7 +188,8 @@ def torch_table(config_name: str, b: int, size: int, repeats: int, n: int, round
   bf16_header = " | PyTorch bf16 autocast" if "bf16 autocast" in theirs else ""
   span = lambda xs: f"{min(xs):.2f}" if len(xs) == 1 or f"{min(xs):.2f}" == f"{max(xs):.2f}" else \
       f"{min(xs):.2f}-{max(xs):.2f}"
-  print(f"\n| batch {b}, {n} alternating rounds, img/s | ours | PyTorch {torch.__version__} eager float32"
+  version = theirs["float32"][0]["version"]  # as the torch processes reported it
+  print(f"\n| batch {b}, {n} alternating rounds, img/s | ours | PyTorch {version} eager float32"
         f"{bf16_header} | ours / PyTorch float32 |")
   print("|---|---:|---:|" + "---:|" * (1 + bool(bf16_header)))
   for part in ("train step", "forward"):

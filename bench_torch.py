@@ -8,8 +8,9 @@ parameters: the difference is negligible in time). Needs torch (CPU build:
 torch==2.13.0); the library does not.
 
 bench.py runs it as its own process each round (`python bench_torch.py --config
-paper ...` prints the timings as JSON), so that neither framework's memory
-shapes the other's heap; it sets glibc's malloc as bench.py does (`host_memory`).
+paper ...` prints the timings and torch's version as JSON), so that neither
+framework's memory shapes the other's heap; it sets glibc's malloc as bench.py
+does (`host_memory`).
 """
 
 import argparse
@@ -121,7 +122,8 @@ def main():
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
   args = parser.parse_args()
-  print(json.dumps(timings(model_config(args.config), args.batch, args.size, args.repeats, args.bf16)))
+  seconds = timings(model_config(args.config), args.batch, args.size, args.repeats, args.bf16)
+  print(json.dumps({**seconds, "version": torch.__version__}))
 
 
 if __name__ == "__main__":
