@@ -40,10 +40,12 @@ def test_stage1_then_stage2_learns(data, tmp_path):
   baseline = majority_baseline(data)
   stage1, stage2 = evals(tmp_path / "s1"), evals(tmp_path / "s2")
   assert 0.08 < baseline < 0.15, baseline
-  # Measured on the project's machine: baseline 0.11, stage 1 0.35, stage 2 0.43 after
-  # 50 steps and 0.59 after 200.
+  # Measured on the project's machine (session 8, seeds 0-3): baseline 0.13; stage 1 0.08-0.17
+  # after 100 steps from scratch and 0.39-0.45 after 300; stage 2 0.33-0.46 after its first 50
+  # steps (it can dip below stage 1's end on the new crops) and 0.49-0.79 after 200.
   assert stage1[-1] > baseline + 0.15, (baseline, stage1)
-  assert stage2[0] > stage1[-1] - 0.05, (stage1, stage2)  # stage 2 starts from stage 1's weights
+  # Stage 2 starts from stage 1's weights: 50 steps from scratch stay near the baseline.
+  assert stage2[0] > baseline + 0.15, (baseline, stage1, stage2)
   assert stage2[-1] > max(stage1[-1], 0.45), (stage1, stage2)
   # The trained model predicts varied classes: the collapse warning stays silent.
   final = json.loads((tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()[-1])

@@ -42,7 +42,7 @@ def test_unpooled_maps_have_one_nonzero_per_window(run):
     windows = (a != 0).reshape(b, h // 2, 2, w // 2, 2, c).sum(axis=(2, 4))
     assert windows.max() <= 1
     assert np.count_nonzero(a) <= a.size // 4
-    assert np.count_nonzero(acts[f"deconv{s}"]) > a.size // 4  # deconvolution densifies
+    assert np.mean(acts[f"deconv{s}"] != 0) > 0.3  # deconvolution densifies (ReLU keeps ~half)
 
 
 def test_call_is_score_of_last_activation(run):
