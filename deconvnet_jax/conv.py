@@ -6,20 +6,25 @@ channels few: conv1_2's (224x224, 64 -> 64, batch 4) took 3.1 s against 0.12 s
 for its forward on a 2-core AMD EPYC. The same gradient as k*k matmuls of
 shifted input views against the output gradient,
 `dW[i, j] = X_pad[:, i:i+H', j:j+W', :]^T @ dY`, took 0.46-0.54 s; at VGG's
-other shapes the matmuls were 1.8-5.6x faster. Below 32 output channels they
-lost (0.2-0.7x), so there, and on other platforms than the CPU (whose
-convolution libraries are tuned for this), the gradient stays XLA's own; so do
-the forward and the input gradient everywhere.
+other shapes the matmuls were 1.8-5.6x faster. They lose where the gradient is
+small work: below 32 output channels (0.2-0.7x) and below about 100 MFLOP,
+where the nine slices and matmuls cost more than they save (3x3, batch 8, 32
+to 512 channels: 0.4-1.0x up to 38 MFLOP, 1.1-4.1x from 151 MFLOP). There,
+and on other platforms than the CPU (whose convolution libraries are tuned for
+this), the gradient stays XLA's own; so do the forward and the input gradient
+everywhere.
 """
 
+import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
-# Output channels from which the matmul weight gradient is used on the CPU.
+# Output channels and weight-gradient FLOPs from which the matmuls are used on the CPU.
 MATMUL_MIN_CHANNELS = 32
+MATMUL_MIN_FLOPS = 1e8
 
 
 def _conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
@@ -40,13 +45,20 @@ def _backward(pad, residuals, g):
   x, kernel = residuals
   dx = jax.vjp(lambda x: _conv(x, kernel, pad), x)[1](g)[0]
   xla = lambda x, g: jax.vjp(lambda w: _conv(x, w, pad), kernel)[1](g)[0]
-  if kernel.shape[3] < MATMUL_MIN_CHANNELS:
+  if not uses_matmuls(kernel.shape, g.shape):
     return dx, xla(x, g)
   matmuls = lambda x, g: weight_gradient(x, g, kernel.shape, pad).astype(kernel.dtype)
   return dx, jax.lax.platform_dependent(x, g, cpu=matmuls, default=xla)
 
 
 conv2d.defvjp(_forward, _backward)
+
+
+def uses_matmuls(kernel_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> bool:
+  """Whether the CPU weight gradient is `weight_gradient`'s: enough output channels and FLOPs."""
+  kh, kw, ci, co = kernel_shape
+  flops = 2 * math.prod(out_shape) * kh * kw * ci  # 2 * B*H'*W' * kh*kw*Ci*Co
+  return co >= MATMUL_MIN_CHANNELS and flops >= MATMUL_MIN_FLOPS
 
 
 def weight_gradient(x: jax.Array, g: jax.Array, shape: tuple[int, ...], pad: int) -> jax.Array:

@@ -5,7 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from deconvnet_jax import conv
 from deconvnet_jax.conv import MATMUL_MIN_CHANNELS, conv2d, weight_gradient
+
+
+@pytest.fixture
+def matmuls_at_any_size(monkeypatch):
+  """The matmul weight gradient for the small shapes below (from 32 output channels, as ever)."""
+  monkeypatch.setattr(conv, "MATMUL_MIN_FLOPS", 0)
 
 
 def reference(x, kernel, g, pad):
@@ -29,7 +36,7 @@ def reference(x, kernel, g, pad):
 @pytest.mark.parametrize("cout", [6, MATMUL_MIN_CHANNELS])  # XLA's weight gradient, then the matmuls
 @pytest.mark.parametrize("k, pad, shape", [(3, 1, (2, 9, 7, 5)), (1, 0, (2, 6, 5, 4)), (3, 0, (1, 8, 8, 3)),
                                            (7, 0, (2, 7, 9, 4)), (3, 2, (2, 5, 6, 3))])
-def test_forward_and_gradients_match_float64_loops(k, pad, shape, cout):
+def test_forward_and_gradients_match_float64_loops(k, pad, shape, cout, matmuls_at_any_size):
   rng = np.random.default_rng(k + pad)
   x = rng.normal(size=shape).astype(np.float32)
   kernel = rng.normal(size=(k, k, shape[3], cout)).astype(np.float32)
@@ -50,7 +57,7 @@ def test_forward_and_gradients_match_float64_loops(k, pad, shape, cout):
   np.testing.assert_allclose(dx, xla_dx, rtol=1e-5, atol=1e-5)
 
 
-def test_second_use_inside_jit_grad_and_bfloat16_within_a_bound():
+def test_second_use_inside_jit_grad_and_bfloat16_within_a_bound(matmuls_at_any_size):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 16, 16, 32)).astype(np.float32)
   kernel = (rng.normal(size=(3, 3, 32, 32)) * 0.1).astype(np.float32)
@@ -66,11 +73,22 @@ def test_second_use_inside_jit_grad_and_bfloat16_within_a_bound():
   assert np.linalg.norm(g16 - want) / np.linalg.norm(want) < 0.02
 
 
-def test_weight_gradient_is_the_matmul_form_on_the_cpu():
-  """On the CPU the custom rule's dW is `weight_gradient`'s, bit for bit, from 32 output channels."""
+@pytest.mark.parametrize("shape, cout, matmuls", [
+    ((8, 16, 16, 64), 64, True),  # 151 MFLOP, 64 channels
+    ((8, 8, 8, 64), 64, False),  # 38 MFLOP: too little work
+    ((8, 64, 64, 16), 16, False),  # 151 MFLOP but 16 channels
+])
+def test_weight_gradient_is_the_matmul_form_on_the_cpu_where_it_pays(shape, cout, matmuls):
+  """On the CPU the custom rule's dW is `weight_gradient`'s, bit for bit, from 32 output channels and
+  100 MFLOP; below either, XLA's own."""
   rng = np.random.default_rng(3)
-  x = rng.normal(size=(2, 10, 10, 4)).astype(np.float32)
-  kernel = rng.normal(size=(3, 3, 4, MATMUL_MIN_CHANNELS)).astype(np.float32)
-  g = rng.normal(size=(2, 10, 10, MATMUL_MIN_CHANNELS)).astype(np.float32)
+  x = rng.normal(size=shape).astype(np.float32)
+  kernel = rng.normal(size=(3, 3, shape[3], cout)).astype(np.float32)
+  g = rng.normal(size=(*shape[:3], cout)).astype(np.float32)
+  assert conv.uses_matmuls(kernel.shape, g.shape) == matmuls
   dw = jax.jit(lambda x, w, g: jax.vjp(lambda w: conv2d(x, w, 1), w)[1](g)[0])(x, kernel, g)
-  np.testing.assert_array_equal(dw, jax.jit(lambda x, g: weight_gradient(x, g, kernel.shape, 1))(x, g))
+  plain = lambda w: jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  want = (jax.jit(lambda x, g: weight_gradient(x, g, kernel.shape, 1))(x, g) if matmuls
+          else jax.jit(lambda g: jax.vjp(plain, kernel)[1](g)[0])(g))
+  np.testing.assert_array_equal(dw, want)
