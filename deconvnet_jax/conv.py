@@ -9,7 +9,7 @@ shifted input views against the output gradient,
 other shapes the matmuls were 1.8-5.6x faster. They lose where the gradient is
 small work: below 32 output channels (0.2-0.7x) and below about 100 MFLOP,
 where the nine slices and matmuls cost more than they save (3x3, batch 8, 32
-to 512 channels: 0.4-1.0x up to 38 MFLOP, 1.1-4.1x from 151 MFLOP). There,
+to 512 channels: 0.4-1.2x up to 38 MFLOP, 1.1-4.1x from 151 MFLOP). There,
 and on other platforms than the CPU (whose convolution libraries are tuned for
 this), the gradient stays XLA's own; so do the forward and the input gradient
 everywhere.
