@@ -15,6 +15,12 @@ def matmuls_at_any_size(monkeypatch):
   monkeypatch.setattr(conv, "MATMUL_MIN_FLOPS", 0)
 
 
+def xla_conv(x, w, pad):
+  """XLA's own stride-1 convolution, written apart from conv.py: the comparison's other side."""
+  return jax.lax.conv_general_dilated(x, w, (1, 1), ((pad, pad), (pad, pad)),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 def reference(x, kernel, g, pad):
   """(y, dx, dW) of a stride-1 zero-padded convolution, float64 NumPy over kernel taps."""
   x, kernel, g = (np.asarray(a, np.float64) for a in (x, kernel, g))
@@ -50,9 +56,7 @@ def test_forward_and_gradients_match_float64_loops(k, pad, shape, cout, matmuls_
   np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(dw, want_dw, rtol=1e-4, atol=1e-4)
   # XLA's own gradient of the same convolution agrees as well.
-  plain = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), ((pad, pad), (pad, pad)),
-                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  xla_dx, xla_dw = jax.vjp(plain, x, kernel)[1](g)
+  xla_dx, xla_dw = jax.vjp(lambda x, w: xla_conv(x, w, pad), x, kernel)[1](g)
   np.testing.assert_allclose(dw, xla_dw, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(dx, xla_dx, rtol=1e-5, atol=1e-5)
 
@@ -63,8 +67,7 @@ def test_second_use_inside_jit_grad_and_bfloat16_within_a_bound(matmuls_at_any_s
   kernel = (rng.normal(size=(3, 3, 32, 32)) * 0.1).astype(np.float32)
   loss = lambda w, x: jnp.sum(conv2d(jax.nn.relu(conv2d(x, w, 1)), w, 1) ** 2)  # the kernel used twice
   grad = jax.jit(jax.grad(loss))(kernel, x)
-  plain = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
-                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  plain = lambda x, w: xla_conv(x, w, 1)
   want = jax.grad(lambda w, x: jnp.sum(plain(jax.nn.relu(plain(x, w)), w) ** 2))(kernel, x)
   np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-3)
   # bfloat16 compute: the weight gradient comes back in bfloat16, within 2% of float32's.
@@ -87,8 +90,7 @@ def test_weight_gradient_is_the_matmul_form_on_the_cpu_where_it_pays(shape, cout
   g = rng.normal(size=(*shape[:3], cout)).astype(np.float32)
   assert conv.uses_matmuls(kernel.shape, g.shape) == matmuls
   dw = jax.jit(lambda x, w, g: jax.vjp(lambda w: conv2d(x, w, 1), w)[1](g)[0])(x, kernel, g)
-  plain = lambda w: jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
-                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  plain = lambda w: xla_conv(x, w, 1)
   want = (jax.jit(lambda x, g: weight_gradient(x, g, kernel.shape, 1))(x, g) if matmuls
           else jax.jit(lambda g: jax.vjp(plain, kernel)[1](g)[0])(g))
   np.testing.assert_array_equal(dw, want)
