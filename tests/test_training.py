@@ -133,18 +133,25 @@ SCRIPT = textwrap.dedent("""
     # the 8-device update must stay within a few times that noise, or 5%, everywhere.
     for a, n, b in zip(jax.tree.leaves(update1), jax.tree.leaves(noise), jax.tree.leaves(update8)):
       assert np.linalg.norm(b - a) <= 5 * np.linalg.norm(n - a) + 0.05 * np.linalg.norm(a) + 1e-9, a.shape
-    # Accumulation (2 micro-batches of 8) on 8 devices against 1 device.
-    big = {k: np.concatenate([v, v[::-1] * (1 if k == "label" else -1)]) for k, v in batch.items()}
-    runs = []
-    for devices in (jax.devices()[:1], jax.devices()):
-      mesh = training.make_mesh(devices)
-      graphdef, state = training.init_train_state(build_model(configs.model_config("small")), tx)
-      step = training.jit_train_step(graphdef, tx, mesh, micro_batches=2)
-      state, metrics = step(training.replicate(state, mesh), training.global_batch(big, mesh))
-      runs.append((float(metrics["loss"]), jax.tree.map(np.asarray, state.batch_stats)))
-    np.testing.assert_allclose(runs[1][0], runs[0][0], rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(runs[0][1]), jax.tree.leaves(runs[1][1])):
-      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    # Accumulation on 8 devices, against the 1-device step above (no second 1-device program):
+    # each row twice, so both micro-batches (rows k, k + 2, ...) are `batch`. The update is then
+    # the plain step's, and BatchNorm's running statistics move twice towards the same batch
+    # moments b: s2 = m s1 + (1 - m) b = (1 + m) s1 - m s0. A split that mixed rows across
+    # micro-batches would change both.
+    twice = {k: np.repeat(v, 2, axis=0) for k, v in batch.items()}
+    mesh = training.make_mesh(jax.devices())
+    graphdef, state = training.init_train_state(build_model(configs.model_config("small")), tx)
+    stats0 = jax.tree.map(np.asarray, state.batch_stats)
+    params0 = jax.tree.map(np.asarray, state.params)
+    step = training.jit_train_step(graphdef, tx, mesh, micro_batches=2)
+    state, metrics = step(training.replicate(state, mesh), training.global_batch(twice, mesh))
+    np.testing.assert_allclose(float(metrics["loss"]), loss1, rtol=1e-6)
+    m = configs.model_config("small").bn_momentum
+    for s0, s1, s2 in zip(jax.tree.leaves(stats0), jax.tree.leaves(stats1), jax.tree.leaves(state.batch_stats)):
+      np.testing.assert_allclose(np.asarray(s2), (1 + m) * s1.astype(np.float64) - m * s0, rtol=1e-5, atol=1e-6)
+    update2 = jax.tree.map(lambda n, o: np.asarray(n) - o, state.params, params0)
+    for a, n, b in zip(jax.tree.leaves(update1), jax.tree.leaves(noise), jax.tree.leaves(update2)):
+      assert np.linalg.norm(b - a) <= 5 * np.linalg.norm(n - a) + 0.05 * np.linalg.norm(a) + 1e-9, a.shape
     print("OK", loss1, loss8)
 """)
 
