@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -25,6 +26,14 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
   return generate(tmp_path_factory.mktemp("gen"), num_train=8, num_val=4, seed=1, image_size=(64, 64))
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+  """A 2-step run's work dir, trained once: read as it is, or copied by tests that go on from it."""
+  workdir = tmp_path_factory.mktemp("trained")
+  assert train.main(argv(data, workdir, 2)) == 0
+  return workdir
 
 
 def argv(data, workdir, steps, *extra):
@@ -60,8 +69,8 @@ def test_a_truncated_latest_checkpoint_is_set_aside_and_the_previous_one_resumed
   assert_same_variables(a, b)  # steps 3-6 redone exactly
 
 
-def test_no_readable_checkpoint_and_a_corrupt_init_from_are_named_errors(data, tmp_path, capsys):
-  assert train.main(argv(data, tmp_path / "run", 2)) == 0
+def test_no_readable_checkpoint_and_a_corrupt_init_from_are_named_errors(data, trained, tmp_path, capsys):
+  shutil.copytree(trained, tmp_path / "run")
   truncate_largest_file(tmp_path / "run" / "checkpoints" / "2" / "variables")
   capsys.readouterr()
   assert train.main(argv(data, tmp_path / "run", 4)) == 2  # never silently from step 0
@@ -74,10 +83,10 @@ def test_no_readable_checkpoint_and_a_corrupt_init_from_are_named_errors(data, t
     checkpoints.load_model(tmp_path / "run" / "checkpoints")  # infer.py and evaluate.py's loader
 
 
-def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_no_temporary_folder(data, tmp_path, capsys,
-                                                                                          monkeypatch):
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_no_temporary_folder(data, trained, tmp_path,
+                                                                                          capsys, monkeypatch):
   from orbax.checkpoint._src.handlers import json_checkpoint_handler as handler
-  assert train.main(argv(data, tmp_path, 2)) == 0
+  shutil.copytree(trained, tmp_path, dirs_exist_ok=True)  # checkpoint 2
   real = handler.JsonCheckpointHandler._save_fn
 
   async def full_disk(self, x, directory):
@@ -98,9 +107,9 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_no_temporary
   assert checkpoints.read_meta(tmp_path / "checkpoints")["step"] == 4
 
 
-def test_a_full_disk_during_a_metrics_line_cuts_it_back_off(data, tmp_path, capsys):
+def test_a_full_disk_during_a_metrics_line_cuts_it_back_off(data, trained, tmp_path, capsys):
   """/dev/full fails every write with ENOSPC, as a full disk does."""
-  assert train.main(argv(data, tmp_path, 2)) == 0
+  shutil.copytree(trained, tmp_path, dirs_exist_ok=True)  # checkpoint 2
   lines = (tmp_path / "metrics.jsonl").read_text()
   (tmp_path / "metrics.jsonl").unlink()
   (tmp_path / "metrics.jsonl").symlink_to("/dev/full")
@@ -153,16 +162,15 @@ def test_a_second_train_py_in_one_work_dir_is_refused_and_a_stale_lock_taken_ove
   assert "taking over" not in capsys.readouterr().err
 
 
-def test_a_second_infer_py_into_one_folder_is_refused(data, tmp_path, capsys):
+def test_a_second_infer_py_into_one_folder_is_refused(data, trained, tmp_path, capsys):
   out = tmp_path / "out"
   holder = hold_lock(out, "infer.py")
   try:
     status = infer.main(["--checkpoint", str(ROOT / "missing"), "--input", str(data / "JPEGImages"),
                          "--output", str(out)])
     assert status == 2  # the checkpoint is checked first
-    assert train.main(argv(data, tmp_path / "run", 2)) == 0
     capsys.readouterr()
-    status = infer.main(["--checkpoint", str(tmp_path / "run"), "--input", str(data / "JPEGImages"),
+    status = infer.main(["--checkpoint", str(trained), "--input", str(data / "JPEGImages"),
                          "--output", str(out), "--no-crf", "--mode", "whole"])
     assert status == 2
     assert f"{out}: in use by infer.py (pid {holder.pid} on " in capsys.readouterr().err
@@ -172,9 +180,8 @@ def test_a_second_infer_py_into_one_folder_is_refused(data, tmp_path, capsys):
     holder.wait()
 
 
-def test_a_full_disk_during_infer_stops_with_no_half_written_file(data, tmp_path, capsys, monkeypatch):
+def test_a_full_disk_during_infer_stops_with_no_half_written_file(data, trained, tmp_path, capsys, monkeypatch):
   from PIL import Image
-  assert train.main(argv(data, tmp_path / "run", 2)) == 0
   real_save, calls = Image.Image.save, []
 
   def full_after_a_few(self, fp, *args, **kwargs):
@@ -185,7 +192,7 @@ def test_a_full_disk_during_infer_stops_with_no_half_written_file(data, tmp_path
 
   monkeypatch.setattr(Image.Image, "save", full_after_a_few)
   out = tmp_path / "out"
-  status = infer.main(["--checkpoint", str(tmp_path / "run"), "--input", str(data / "JPEGImages"),
+  status = infer.main(["--checkpoint", str(trained), "--input", str(data / "JPEGImages"),
                        "--output", str(out), "--no-crf", "--mode", "whole"])
   assert status == 2
   err = capsys.readouterr().err
@@ -194,7 +201,7 @@ def test_a_full_disk_during_infer_stops_with_no_half_written_file(data, tmp_path
   labels = sorted(out.glob("*.png"))
   assert labels and all(p.with_name(p.stem + "_overlay.jpg").exists() for p in labels)
   monkeypatch.setattr(Image.Image, "save", real_save)
-  assert infer.main(["--checkpoint", str(tmp_path / "run"), "--input", str(data / "JPEGImages"),
+  assert infer.main(["--checkpoint", str(trained), "--input", str(data / "JPEGImages"),
                      "--output", str(out), "--no-crf", "--mode", "whole"]) == 0
   total = len(list((data / "JPEGImages").glob("*.jpg")))
   assert f"{total - len(labels)} segmented, {len(labels)} skipped" in capsys.readouterr().out  # the rest only

@@ -42,6 +42,14 @@ def run_train(data, workdir, steps, **flags):
   assert train.main(argv) == 0
 
 
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+  """A 2-step run's work dir, trained once for the tests that only read its checkpoints."""
+  workdir = tmp_path_factory.mktemp("trained")
+  run_train(data, workdir, 2)
+  return workdir
+
+
 def test_resumed_run_equals_uninterrupted_run(data, tmp_path):
   run_train(data, tmp_path / "a", 4)
   run_train(data, tmp_path / "b", 2)
@@ -87,16 +95,15 @@ def test_checkpoints_keep_latest_and_best_apart(tmp_path):
     checkpoints.read_meta(tmp_path / "nothing")
 
 
-def test_load_model_gives_the_trained_network_and_rejects_mismatch(data, tmp_path):
-  run_train(data, tmp_path, 2)
-  model, meta = checkpoints.load_model(tmp_path)
+def test_load_model_gives_the_trained_network_and_rejects_mismatch(trained):
+  model, meta = checkpoints.load_model(trained)
   assert meta["input_norm"] == "caffe_bgr" and meta["class_names"][0] == "background"
-  variables, _ = checkpoints.restore_variables(tmp_path)
+  variables, _ = checkpoints.restore_variables(trained)
   for x, y in zip(jax.tree.leaves(variables), jax.tree.leaves(get_variables(model))):
     np.testing.assert_array_equal(x, np.asarray(y))
   other = build_model(model_config("small", num_classes=5))
   with pytest.raises(ValueError, match=r"score/bias has shape \(21,\), the model expects \(5,\)"):
-    set_variables(other, variables, source=str(tmp_path))
+    set_variables(other, variables, source=str(trained))
 
 
 def write_bad_and_odd_images(folder, good):
@@ -118,8 +125,7 @@ def write_bad_and_odd_images(folder, good):
   return {"notes.jpg", "cut.jpg"}
 
 
-def test_infer_on_a_folder_writes_outputs_and_reports_bad_files(data, tmp_path, capsys):
-  run_train(data, tmp_path / "run", 2)
+def test_infer_on_a_folder_writes_outputs_and_reports_bad_files(data, trained, tmp_path, capsys):
   folder = tmp_path / "photos"
   folder.mkdir()
   good = sorted((data / "JPEGImages").glob("*.jpg"))[:2]
@@ -127,7 +133,7 @@ def test_infer_on_a_folder_writes_outputs_and_reports_bad_files(data, tmp_path, 
     (folder / path.name).write_bytes(path.read_bytes())
   bad = write_bad_and_odd_images(folder, good[0])
   out = tmp_path / "out"
-  status = infer.main(["--checkpoint", str(tmp_path / "run"), "--input", str(folder),
+  status = infer.main(["--checkpoint", str(trained), "--input", str(folder),
                        "--output", str(out), "--save-prob", "--max-side", "160",
                        "--ground-truth", str(data / "SegmentationClass")])
   assert status == 1  # some files failed
@@ -159,7 +165,7 @@ def test_infer_on_a_folder_writes_outputs_and_reports_bad_files(data, tmp_path, 
     assert f"{path.stem}_error.png" in (out / "index.html").read_text()
   assert not (out / "gray_error.png").exists()
   # A second run skips what exists unless --overwrite.
-  infer.main(["--checkpoint", str(tmp_path / "run"), "--input", str(folder), "--output", str(out)])
+  infer.main(["--checkpoint", str(trained), "--input", str(folder), "--output", str(out)])
   assert f"0 segmented, {len(ok)} skipped" in capsys.readouterr().out
   assert infer.main(["--input", str(folder), "--output", str(out)]) == 2  # no checkpoint: says how
   assert "python train.py" in capsys.readouterr().err
@@ -168,7 +174,7 @@ def test_infer_on_a_folder_writes_outputs_and_reports_bad_files(data, tmp_path, 
   twins.mkdir()
   Image.open(folder / "tiny.png").save(twins / "a.png")
   Image.open(folder / "large.png").save(twins / "a.jpg")
-  infer.main(["--checkpoint", str(tmp_path / "run"), "--input", str(twins), "--output", str(tmp_path / "o2"),
+  infer.main(["--checkpoint", str(trained), "--input", str(twins), "--output", str(tmp_path / "o2"),
               "--no-crf", "--mode", "whole"])
   assert "output name(s) shared" in capsys.readouterr().err
   assert Image.open(tmp_path / "o2" / "a_png.png").size == (30, 20)
@@ -264,9 +270,8 @@ def test_sigterm_to_one_of_two_hosts_saves_the_same_step_on_both(data, tmp_path)
   assert checkpoints.read_meta(tmp_path / "checkpoints")["step"] == saved[0]
 
 
-def test_evaluate_scores_the_variants_with_the_shared_metric(data, tmp_path, capsys):
-  run_train(data, tmp_path / "run", 2)
-  argv = ["--checkpoint", str(tmp_path / "run"), "--data", str(data), "--top-k", "5", "--curve", "1", "3",
+def test_evaluate_scores_the_variants_with_the_shared_metric(data, trained, tmp_path, capsys):
+  argv = ["--checkpoint", str(trained), "--data", str(data), "--top-k", "5", "--curve", "1", "3",
           "--crf-processes", "1", "--chunk", "3", "--output", str(tmp_path / "eval")]
   assert evaluate.main(argv) == 0
   results = json.loads((tmp_path / "eval" / "results.json").read_text())
@@ -279,7 +284,7 @@ def test_evaluate_scores_the_variants_with_the_shared_metric(data, tmp_path, cap
   assert json.loads((tmp_path / "eval" / "results.json").read_text()) == results
   assert "| DeconvNet+CRF |" in (tmp_path / "eval" / "results.md").read_text()
   # The whole-image row equals a direct count with the same metric code.
-  model, _ = checkpoints.load_model(tmp_path / "run")
+  model, _ = checkpoints.load_model(trained)
   whole = Segmenter(model, InferenceConfig(mode="whole", crf=False))
   conf = np.zeros((21, 21), np.int64)
   for image_id in read_split(data, "val"):
@@ -308,10 +313,9 @@ def test_evaluate_scores_the_variants_with_the_shared_metric(data, tmp_path, cap
   assert evaluate.main(argv + ["--proposals", "windows", "network", "--proposals-from", str(tmp_path)]) == 2
 
 
-def test_evaluate_with_an_fcn_checkpoint_scores_the_ensemble(data, tmp_path):
-  run_train(data, tmp_path / "deconv", 2)
+def test_evaluate_with_an_fcn_checkpoint_scores_the_ensemble(data, trained, tmp_path):
   run_train(data, tmp_path / "fcn", 2, model="fcn8s-small", stage=0, lr=0.001)
-  assert evaluate.main(["--checkpoint", str(tmp_path / "deconv"), "--fcn-checkpoint", str(tmp_path / "fcn"),
+  assert evaluate.main(["--checkpoint", str(trained), "--fcn-checkpoint", str(tmp_path / "fcn"),
                         "--data", str(data), "--top-k", "3", "--crf-processes", "1",
                         "--output", str(tmp_path / "eval")]) == 0
   variants = json.loads((tmp_path / "eval" / "results.json").read_text())["variants"]
@@ -320,15 +324,14 @@ def test_evaluate_with_an_fcn_checkpoint_scores_the_ensemble(data, tmp_path):
   assert all(0.0 <= v["miou"] <= 1.0 for v in variants.values())
 
 
-def test_infer_and_evaluate_take_proposals_from_box_files(data, tmp_path, capsys):
-  run_train(data, tmp_path / "run", 2)
+def test_infer_and_evaluate_take_proposals_from_box_files(data, trained, tmp_path, capsys):
   val = read_split(data, "val")
   boxes = tmp_path / "boxes"
   boxes.mkdir()
   for image_id in val:  # each image's ground-truth boxes as (x0, y0, x1, y1, score)
     rows = [[x0, y0, x1, y1, 1.0] for y0, x0, y1, x1 in read_example(data, image_id).boxes.tolist()]
     np.save(boxes / f"{image_id}.npy", np.asarray(rows, np.float64).reshape(-1, 5))
-  argv = ["--checkpoint", str(tmp_path / "run"), "--data", str(data), "--top-k", "5", "--crf-processes", "1",
+  argv = ["--checkpoint", str(trained), "--data", str(data), "--top-k", "5", "--crf-processes", "1",
           "--proposals-from", str(boxes), "--output", str(tmp_path / "eval")]
   assert evaluate.main(argv) == 0
   assert json.loads((tmp_path / "eval" / "results.json").read_text())["images"] == len(val)
@@ -338,7 +341,7 @@ def test_infer_and_evaluate_take_proposals_from_box_files(data, tmp_path, capsys
     (photos / f"{image_id}.jpg").write_bytes((data / "JPEGImages" / f"{image_id}.jpg").read_bytes())
   (boxes / f"{val[0]}.npy").unlink()
   capsys.readouterr()
-  assert infer.main(["--checkpoint", str(tmp_path / "run"), "--input", str(photos), "--output",
+  assert infer.main(["--checkpoint", str(trained), "--input", str(photos), "--output",
                      str(tmp_path / "out"), "--no-crf", "--proposals-from", str(boxes)]) == 1
   assert f"no box file for image '{val[0]}'" in capsys.readouterr().err
   assert sorted(p.stem for p in (tmp_path / "out").glob("gen_*[0-9].png")) == val[1:]
