@@ -212,6 +212,7 @@ def _wait_for(path, timeout=300):
   assert path.exists(), f"{path} did not appear in {timeout} s"
 
 
+@pytest.mark.xdist_group("batch-8-programs")  # see test_training.py
 def test_kill_9_loses_no_checkpoint_and_resume_works_on_8_devices(data, tmp_path):
   """SIGKILL mid-run leaves only complete checkpoints; another device count resumes them."""
   proc = _train_process(data, tmp_path, 200)
@@ -231,6 +232,7 @@ def test_kill_9_loses_no_checkpoint_and_resume_works_on_8_devices(data, tmp_path
   assert checkpoints.read_meta(tmp_path / "checkpoints")["step"] == steps[-1] + 2
 
 
+@pytest.mark.xdist_group("batch-8-programs")  # see test_training.py
 def test_sigterm_saves_the_current_step_and_the_resumed_run_is_bit_identical(data, tmp_path):
   """Preemption: SIGTERM between regular saves saves the step reached, exits 143, resumes exactly."""
   proc = _train_process(data, tmp_path / "b", 1000, save_every=1000)

@@ -8,6 +8,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from deconvnet_jax import configs, training
@@ -109,7 +110,9 @@ SCRIPT = textwrap.dedent("""
     rng = np.random.default_rng(0)
     batch = {"image": rng.normal(size=(8, 64, 64, 3)).astype(np.float32),
              "label": rng.integers(0, 21, size=(8, 64, 64)).astype(np.int32)}
-    tx = training.make_optimizer(training.OptimConfig(learning_rate=0.1))
+    # train.py's defaults: the same programs as the 8-device train.py runs of test_train_e2e.py,
+    # which then come from the run's compilation cache (one xdist group, one worker).
+    tx = training.make_optimizer(training.OptimConfig())
     results = []
     # (devices, batch order): the reversed order on one device measures float32
     # reduction-order noise, the bound for the 8-device run.
@@ -156,6 +159,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.xdist_group("batch-8-programs")
 def test_step_on_8_devices_equals_1_device():
   """BatchNorm statistics and gradients over the sharded global batch equal one device's."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
