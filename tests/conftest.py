@@ -6,6 +6,11 @@ on 2 cores against 3.4 s with the program from JAX's persistent cache. The cache
 in a fresh folder for the run (not the user's ~/.cache), removed at the end,
 so every run still compiles each program once. This file must not import JAX:
 the workers read the variable when they import it.
+
+A program reaches another test only if it is compiled first. Tests that run the
+same program in different processes are marked `xdist_group` (pyproject.toml
+sets `--dist loadgroup`), which runs them in one worker in a fixed order; tests
+that only read a trained checkpoint share one module-scoped run.
 """
 
 import os
