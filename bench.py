@@ -8,6 +8,7 @@ Times are medians over --repeats runs after a compile-and-warm-up run.
 """
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -35,7 +36,9 @@ from deconvnet_jax.training import (OptimConfig, init_train_state, jit_eval_logi
 
 
 def timeit(fn, *args, repeats: int) -> float:
-  """Median seconds of fn(*args) after one warm-up call (which compiles)."""
+  """Median seconds of fn(*args) after two warm-up calls (the first compiles; the heap grows over the first
+  few, see host_memory.py)."""
+  jax.block_until_ready(fn(*args))
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):
@@ -99,6 +102,8 @@ def main():
   parser.add_argument("--torch-rounds", type=int, default=2, metavar="N",
                       help="rounds alternating ours and PyTorch eager (float32, bf16 autocast) when torch "
                            "is installed (0: skip)")
+  parser.add_argument("--no-bf16", dest="bf16", action="store_false",
+                      help="skip our bfloat16 rows (run where the CPU has bf16 units: avx512_bf16 or amx_bf16)")
   parser.add_argument("--no-inference", dest="inference", action="store_false",
                       help="skip the instance-wise inference timing")
   args = parser.parse_args()
@@ -121,45 +126,62 @@ def main():
     ratio = pools[f"max_unpool scatter {d}"] / pools[f"max_unpool select {d}"]
     print(f"| unpool {d}: scatter / select | {ratio:.2f}x |")
 
-  model = build_model(config)
   tx = make_optimizer(OptimConfig())
-  graphdef, state = init_train_state(model, tx)
-  del model
   mesh = make_mesh()
-  state = replicate(state, mesh)
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.normal(size=(b, size, size, 3)), jnp.float32),
            "label": jnp.asarray(rng.integers(0, config.num_classes, (b, size, size)), jnp.int32)}
-  forward = jit_eval_logits(graphdef, mesh)
-  step = jit_train_step(graphdef, tx, mesh)
-  holder = [state]
-
-  def one_step(batch):
-    holder[0], metrics = step(holder[0], batch)
-    return metrics["loss"]
-
-  def ours() -> dict[str, float]:
-    return {"forward": timeit(forward, holder[0].params, holder[0].batch_stats, batch["image"], repeats=args.repeats),
-            "train step": timeit(one_step, batch, repeats=args.repeats)}
+  dtypes = ["float32"] + ["bfloat16"] * (args.bf16 and cpu_has_bf16())
+  runners = {dtype: Runner(dataclasses.replace(config, dtype=dtype), tx, mesh, batch, args.repeats) for dtype in dtypes}
+  ours = lambda: {dtype: runner.time() for dtype, runner in runners.items()}
+  graphdef, holder = runners["float32"].graphdef, runners["float32"].holder
 
   rounds = [ours()]
-  t_fwd, t_step = rounds[0]["forward"], rounds[0]["train step"]
+  t_step = rounds[0]["float32"]["train step"]
   flops = forward_flops(config, size)
   best = max(g for _, _, g in peak)
   share = sum(pools[k] for k in ("max_pool_with_argmax forward", "max_pool_with_argmax backward",
                                  "max_unpool select forward", "max_unpool select backward")) / t_step
   print(f"\n| DeconvNet ({flops / 1e9:.1f} GFLOPs forward per image) | s/img | img/s | GFLOP/s | of peak |")
   print("|---|---:|---:|---:|---:|")
-  for name, t, f in [("forward (inference BN)", t_fwd, flops), ("train step (fwd+bwd+SGD)", t_step, 3 * flops)]:
-    g = f * b / t / 1e9
-    print(f"| {name} | {t / b:.3f} | {b / t:.2f} | {g:.0f} | {g / best:.0%} |")
+  for dtype in dtypes:
+    suffix = "" if dtype == "float32" else f", {dtype}"
+    for name, f in [("forward", flops), ("train step", 3 * flops)]:
+      t = rounds[0][dtype][name]
+      g = f * b / t / 1e9
+      label = {"forward": "forward (inference BN)", "train step": "train step (fwd+bwd+SGD)"}[name]
+      print(f"| {label}{suffix} | {t / b:.3f} | {b / t:.2f} | {g:.0f} | {g / best:.0%} |")
   print(f"| pool + unpool (fwd+bwd) share of the train step | {share:.1%} | | | |")
   if args.torch_rounds:
     torch_table(args.config, b, size, args.repeats, args.torch_rounds, rounds, ours)
   if args.accumulate > 1:
     accumulation_table(graphdef, tx, mesh, holder, batch, t_step, args.accumulate, args.repeats)
   if args.inference:
-    inference_table(nnx.merge(graphdef, holder[0].params, holder[0].batch_stats), args.repeats)
+    for dtype, runner in runners.items():
+      inference_table(runner.model(), dtype, args.repeats)
+
+
+class Runner:
+  """Our forward and train step for one model configuration, timed on one batch."""
+
+  def __init__(self, config: ModelConfig, tx, mesh, batch: dict, repeats: int):
+    self.graphdef, state = init_train_state(build_model(config), tx)
+    self.holder = [replicate(state, mesh)]
+    self.forward, self.step = jit_eval_logits(self.graphdef, mesh), jit_train_step(self.graphdef, tx, mesh)
+    self.batch, self.repeats = batch, repeats
+
+  def one_step(self, batch):
+    self.holder[0], metrics = self.step(self.holder[0], batch)
+    return metrics["loss"]
+
+  def time(self) -> dict[str, float]:
+    state = self.holder[0]
+    return {"forward": timeit(self.forward, state.params, state.batch_stats, self.batch["image"],
+                              repeats=self.repeats),
+            "train step": timeit(self.one_step, self.batch, repeats=self.repeats)}
+
+  def model(self) -> nnx.Module:
+    return nnx.merge(self.graphdef, self.holder[0].params, self.holder[0].batch_stats)
 
 
 def torch_table(config_name: str, b: int, size: int, repeats: int, n: int, rounds: list, ours):
@@ -185,19 +207,25 @@ def torch_table(config_name: str, b: int, size: int, repeats: int, n: int, round
                  "--repeats", str(repeats)] + ["--bf16"] * (name != "float32")
       out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
       theirs[name].append(json.loads(out.splitlines()[-1]))
-  bf16_header = " | PyTorch bf16 autocast" if "bf16 autocast" in theirs else ""
+  bf16 = "bf16 autocast" in theirs and "bfloat16" in rounds[0]
+  bf16_header = " | ours bfloat16 | PyTorch bf16 autocast" if bf16 else ""
   span = lambda xs: f"{min(xs):.2f}" if len(xs) == 1 or f"{min(xs):.2f}" == f"{max(xs):.2f}" else \
       f"{min(xs):.2f}-{max(xs):.2f}"
   version = theirs["float32"][0]["version"]  # as the torch processes reported it
   print(f"\n| batch {b}, {n} alternating rounds, img/s | ours | PyTorch {version} eager float32"
-        f"{bf16_header} | ours / PyTorch float32 |")
-  print("|---|---:|---:|" + "---:|" * (1 + bool(bf16_header)))
+        f"{bf16_header} | ours / PyTorch float32" + " | ours / PyTorch, bf16 |" * bf16 + " |" * (not bf16))
+  print("|---|---:|---:|" + "---:|" * (1 + 3 * bf16))
   for part in ("train step", "forward"):
-    mine = [b / r[part] for r in rounds]
-    f32 = [b / t[part] for t in theirs["float32"]]
-    bf16 = f" | {span([b / t[part] for t in theirs['bf16 autocast']])}" if bf16_header else ""
-    ratios = [m / t for m, t in zip(mine, f32)]  # round by round
-    print(f"| {part} | {span(mine)} | {span(f32)}{bf16} | {span(ratios)}x |")
+    speed = lambda runs, key=None: [b / (r[key] if key else r)[part] for r in runs]
+    mine, f32 = speed(rounds, "float32"), speed(theirs["float32"])
+    row = f"| {part} | {span(mine)} | {span(f32)}"
+    if bf16:
+      mine16, theirs16 = speed(rounds, "bfloat16"), speed(theirs["bf16 autocast"])
+      row += f" | {span(mine16)} | {span(theirs16)}"
+    row += f" | {span([m / t for m, t in zip(mine, f32)])}x"  # round by round
+    if bf16:
+      row += f" | {span([m / t for m, t in zip(mine16, theirs16)])}x"
+    print(row + " |")
 
 
 def cpu_has_bf16() -> bool:
@@ -225,14 +253,14 @@ def accumulation_table(graphdef, tx, mesh, holder, batch, t_step, k, repeats):
   print(f"| one step, {k} accumulated micro-batches of {b} | {t_acc:.2f} | {t_acc / (k * t_step):.2f} |")
 
 
-def inference_table(model, repeats: int):
+def inference_table(model, dtype: str, repeats: int):
   """Seconds per VOC-sized image (500x375) for 50 proposals, split by part."""
   image = make_example(np.random.default_rng(0), 375, 375)[0]
   image = np.concatenate([image, image[:, :125]], 1)  # 375 x 500
   segmenter = Segmenter(model, InferenceConfig(top_k=50, batch_size=10))
   segmenter.segment(image)  # compile
   runs = [segmenter.segment(image).seconds for _ in range(max(1, repeats // 2))]
-  print("\n| instance-wise inference, 500x375, 50 proposals, batch 10 | s/image |\n|---|---:|")
+  print(f"\n| instance-wise inference, 500x375, 50 proposals, batch 10, {dtype} | s/image |\n|---|---:|")
   for part in ("proposals", "network", "aggregation", "crf"):
     print(f"| {part} | {np.median([r[part] for r in runs]):.2f} |")
   print(f"| total | {np.median([sum(r.values()) for r in runs]):.2f} |")

@@ -25,10 +25,19 @@ _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 # Output channels and weight-gradient FLOPs from which the matmuls are used on the CPU.
 MATMUL_MIN_CHANNELS = 32
 MATMUL_MIN_FLOPS = 1e8
+# Input channels from which a bfloat16 convolution is `tap_matmuls` on the CPU.
+TAP_MIN_CHANNELS = 64
+
+
+def _xla_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)), dimension_numbers=_DIMENSIONS)
 
 
 def _conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)), dimension_numbers=_DIMENSIONS)
+  """XLA's convolution; in bfloat16 on the CPU, `tap_matmuls` where the input has enough channels."""
+  if not uses_tap_matmuls(x.dtype, kernel.shape):
+    return _xla_conv(x, kernel, pad)
+  return jax.lax.platform_dependent(x, kernel, cpu=partial(tap_matmuls, pad=pad), default=partial(_xla_conv, pad=pad))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -43,8 +52,15 @@ def _forward(x, kernel, pad):
 
 def _backward(pad, residuals, g):
   x, kernel = residuals
-  dx = jax.vjp(lambda x: _conv(x, kernel, pad), x)[1](g)[0]
-  xla = lambda x, g: jax.vjp(lambda w: _conv(x, w, pad), kernel)[1](g)[0]
+  if uses_tap_matmuls(g.dtype, kernel.shape[:2] + kernel.shape[2:][::-1]):
+    # The input gradient is the convolution of g, padded by k-1-pad, with the flipped, transposed kernel.
+    kh, kw = kernel.shape[:2]
+    g_pad = jax.lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (kh - 1 - pad,) * 2 + (0,),
+                                                    (kw - 1 - pad,) * 2 + (0,), (0, 0, 0)))
+    dx = _conv(g_pad, kernel[::-1, ::-1].transpose(0, 1, 3, 2), 0)
+  else:
+    dx = jax.vjp(lambda x: _xla_conv(x, kernel, pad), x)[1](g)[0]
+  xla = lambda x, g: jax.vjp(lambda w: _xla_conv(x, w, pad), kernel)[1](g)[0]
   if not uses_matmuls(kernel.shape, g.shape):
     return dx, xla(x, g)
   matmuls = lambda x, g: weight_gradient(x, g, kernel.shape, pad).astype(kernel.dtype)
@@ -61,12 +77,66 @@ def uses_matmuls(kernel_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> b
   return co >= MATMUL_MIN_CHANNELS and flops >= MATMUL_MIN_FLOPS
 
 
+def _matmul(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+  """Contracts a's axis contract[0] with b's axis contract[1] (2-D each), summed in float32, in a's dtype."""
+  dims = (((contract[0],), (contract[1],)), ((), ()))
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+@jax.custom_vjp
+def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+  """[M, K] @ [K, N] summed in float32, in a's dtype, and so are both gradients.
+
+  In bfloat16 the CPU runs these on its bfloat16 units: XLA converts both
+  operands of a matmul with a bfloat16 result, or with one float32 operand, to float32 first.
+  """
+  return _matmul(a, b, (1, 0))
+
+
+def _matmul_forward(a, b):
+  return matmul(a, b), (a, b)
+
+
+def _matmul_backward(residuals, g):
+  a, b = residuals
+  g = g.astype(a.dtype)
+  return _matmul(g, b, (1, 1)), _matmul(a, g, (0, 0)).astype(b.dtype)  # g @ b^T, a^T @ g
+
+
+matmul.defvjp(_matmul_forward, _matmul_backward)
+
+
+def uses_tap_matmuls(dtype, kernel_shape: tuple[int, ...]) -> bool:
+  """Whether a bfloat16 convolution runs as `tap_matmuls` on the CPU: enough input channels to feed a matmul."""
+  return jnp.dtype(dtype) == jnp.bfloat16 and kernel_shape[2] >= TAP_MIN_CHANNELS
+
+
+def tap_matmuls(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
+  """The convolution as k*k bfloat16 matmuls of shifted views, summed in float32: [B, H', W', Co] in x.dtype.
+
+  XLA's CPU convolution converts bfloat16 to float32 and back; its matmul with a
+  float32 result runs on the CPU's bfloat16 units (avx512_bf16, AMX) where it has them.
+  """
+  kh, kw = kernel.shape[:2]
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+  taps = (jnp.einsum("bhwc,cd->bhwd", xp[:, i:i + ho, j:j + wo, :], kernel[i, j], preferred_element_type=jnp.float32)
+          for i in range(kh) for j in range(kw))  # [B, H', W', Ci] @ [Ci, Co] each
+  return sum(taps).astype(x.dtype)
+
+
 def weight_gradient(x: jax.Array, g: jax.Array, shape: tuple[int, ...], pad: int) -> jax.Array:
   """d(sum(conv2d(x, W, pad) * g)) / dW, [kh, kw, Ci, Co] float32: one matmul per kernel tap."""
   kh, kw, ci, co = shape
   ho, wo = g.shape[1:3]
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  g2 = g.reshape(-1, co)  # [B*H'*W', Co]
-  rows = [[jnp.matmul(xp[:, i:i + ho, j:j + wo, :].reshape(-1, ci).T, g2, preferred_element_type=jnp.float32)
-           for j in range(kw)] for i in range(kh)]  # [Ci, B*H'*W'] @ [B*H'*W', Co] each
+  if uses_tap_matmuls(x.dtype, shape):
+    # bfloat16: contracting the views' leading axes in place keeps the matmul on the bfloat16 units (a transposed
+    # [Ci, B*H'*W'] operand is converted to float32 first).
+    tap = lambda i, j: jnp.einsum("bhwc,bhwd->cd", xp[:, i:i + ho, j:j + wo, :], g, preferred_element_type=jnp.float32)
+  else:
+    g2 = g.reshape(-1, co)  # [B*H'*W', Co]
+    tap = lambda i, j: jnp.matmul(xp[:, i:i + ho, j:j + wo, :].reshape(-1, ci).T, g2,
+                                  preferred_element_type=jnp.float32)  # [Ci, B*H'*W'] @ [B*H'*W', Co]
+  rows = [[tap(i, j) for j in range(kw)] for i in range(kh)]
   return jnp.stack([jnp.stack(row) for row in rows])

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from deconvnet_jax.configs import ModelConfig
-from deconvnet_jax.conv import conv2d
+from deconvnet_jax.conv import conv2d, matmul
 from deconvnet_jax.ops import max_pool_with_argmax, max_unpool
 
 VGG16_PLAN = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -103,7 +103,7 @@ class FullyConv(nnx.Module):
     k, _, cin, cout = self.kernel.shape
     x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
     if x.shape[1:3] == (k, k):
-      y = (x.reshape(x.shape[0], k * k * cin) @ kernel.reshape(k * k * cin, cout))[:, None, None]
+      y = matmul(x.reshape(x.shape[0], k * k * cin), kernel.reshape(k * k * cin, cout))[:, None, None]
     else:
       y = conv2d(x, kernel, 0)
     return y + self.bias[...].astype(self.dtype)
@@ -124,7 +124,7 @@ class Deconv(nnx.Module):
     if x.shape[1:3] == (1, 1) and self.pad == 0:
       # fc6-deconv on the 1x1 fc7 map: one [B, in] @ [in, out*k*k] matmul,
       # not a padded k x k convolution over zeros.
-      y = (x.reshape(-1, cin) @ kernel.reshape(cin, cout * k * k)).reshape(-1, cout, k, k)
+      y = matmul(x.reshape(-1, cin), kernel.reshape(cin, cout * k * k)).reshape(-1, cout, k, k)
       y = y.transpose(0, 2, 3, 1)
     elif self.stride == 1:
       # Stride 1: a plain conv, padded by k - 1 - pad, with the flipped kernel as HWIO.

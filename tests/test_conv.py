@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from deconvnet_jax import conv
-from deconvnet_jax.conv import MATMUL_MIN_CHANNELS, conv2d, weight_gradient
+from deconvnet_jax.conv import MATMUL_MIN_CHANNELS, conv2d, matmul, weight_gradient
 
 
 @pytest.fixture
@@ -94,3 +94,48 @@ def test_weight_gradient_is_the_matmul_form_on_the_cpu_where_it_pays(shape, cout
   want = (jax.jit(lambda x, g: weight_gradient(x, g, kernel.shape, 1))(x, g) if matmuls
           else jax.jit(lambda g: jax.vjp(plain, kernel)[1](g)[0])(g))
   np.testing.assert_array_equal(dw, want)
+
+
+@pytest.fixture
+def taps_at_any_size(monkeypatch):
+  """The bfloat16 tap-matmul path for the few input channels below (from 64 in the library)."""
+  monkeypatch.setattr(conv, "TAP_MIN_CHANNELS", 8)
+
+
+@pytest.mark.parametrize("k, pad, shape", [(3, 1, (2, 9, 7, 8)), (1, 0, (2, 6, 5, 8)), (3, 0, (1, 8, 8, 8)),
+                                           (3, 2, (2, 5, 6, 8))])
+def test_bfloat16_tap_matmuls_round_float64_once(k, pad, shape, taps_at_any_size):
+  """bfloat16 on the CPU: the forward and input gradient as tap matmuls summed in float32 are float64's result
+  rounded once to bfloat16 (relative error at most 2^-8 an element), and no convolution is left in the program."""
+  rng = np.random.default_rng(k + pad)
+  x, kernel = rng.normal(size=shape), rng.normal(size=(k, k, shape[3], 16))
+  x, kernel = jnp.asarray(x, jnp.bfloat16), jnp.asarray(kernel, jnp.bfloat16)
+  y, vjp = jax.vjp(lambda x, w: conv2d(x, w, pad), x, kernel)
+  g = jnp.asarray(rng.normal(size=y.shape), jnp.bfloat16)
+  dx, dw = vjp(g)
+  assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16
+  want_y, want_dx, want_dw = reference(*(np.asarray(a, np.float32) for a in (x, kernel, g)), pad)
+  for got, want in [(y, want_y), (dx, want_dx), (dw, want_dw)]:
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2**-8, atol=1e-5)
+  hlo = jax.jit(lambda x, w, g: jax.vjp(lambda x: conv2d(x, w, pad), x)[1](g)).lower(x, kernel, g).as_text()
+  assert "convolution" not in hlo and "dot_general" in hlo
+  # float32 keeps XLA's convolution.
+  hlo = jax.jit(lambda x, w: conv2d(x, w, pad)).lower(x.astype(jnp.float32), kernel.astype(jnp.float32)).as_text()
+  assert "convolution" in hlo
+
+
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2**-8)])
+def test_matmul_and_its_gradients_match_float64(dtype, rtol):
+  """conv.matmul sums in float32 and returns its operands' dtype, gradients included: in bfloat16, float64's
+  result rounded once."""
+  rng = np.random.default_rng(5)
+  a, b = jnp.asarray(rng.normal(size=(5, 40)), dtype), jnp.asarray(rng.normal(size=(40, 3)), dtype)
+  y, vjp = jax.vjp(matmul, a, b)
+  g = jnp.asarray(rng.normal(size=y.shape), dtype)
+  da, db = vjp(g)
+  assert y.dtype == da.dtype == db.dtype == dtype
+  a, b, g = (np.asarray(v, np.float64) for v in (a, b, g))
+  for got, want in [(y, a @ b), (da, g @ b.T), (db, a.T @ g)]:
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol, atol=1e-5)

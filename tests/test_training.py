@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deconvnet_jax import configs, training
+from deconvnet_jax import configs, conv, training
 from deconvnet_jax.models import build_model
 from deconvnet_jax.training import LossConfig, apply_model, cross_entropy
 
@@ -133,9 +133,14 @@ SCRIPT = textwrap.dedent("""
     # Biases before BatchNorm have zero true gradient and the BN parameters'
     # gradients are ill-conditioned, so reordering alone moves them by ~2%
     # (and, by luck, sometimes by nothing: one reordering is a noisy estimate);
-    # the 8-device update must stay within a few times that noise, or 5%, everywhere.
-    for a, n, b in zip(jax.tree.leaves(update1), jax.tree.leaves(noise), jax.tree.leaves(update8)):
-      assert np.linalg.norm(b - a) <= 5 * np.linalg.norm(n - a) + 0.05 * np.linalg.norm(a) + 1e-9, a.shape
+    # the 8-device update must stay within a few times that noise, or 5%, everywhere. An update is
+    # a difference of float32 parameters, so it is resolved only to their spacing (1.2e-7 at 1.0):
+    # a BN scale's update of 1e-6 can move by that much with no reordering noise to show it.
+    def assert_update_close(got, params):
+      for a, n, b, p in zip(*map(jax.tree.leaves, (update1, noise, got, params))):
+        resolution = np.linalg.norm(np.spacing(np.abs(np.asarray(p, np.float32))))
+        assert np.linalg.norm(b - a) <= 5 * np.linalg.norm(n - a) + 0.05 * np.linalg.norm(a) + resolution, a.shape
+    assert_update_close(update8, state.params)
     # Accumulation on 8 devices, against the 1-device step above (no second 1-device program):
     # each row twice, so both micro-batches (rows k, k + 2, ...) are `batch`. The update is then
     # the plain step's, and BatchNorm's running statistics move twice towards the same batch
@@ -153,8 +158,7 @@ SCRIPT = textwrap.dedent("""
     for s0, s1, s2 in zip(jax.tree.leaves(stats0), jax.tree.leaves(stats1), jax.tree.leaves(state.batch_stats)):
       np.testing.assert_allclose(np.asarray(s2), (1 + m) * s1.astype(np.float64) - m * s0, rtol=1e-5, atol=1e-6)
     update2 = jax.tree.map(lambda n, o: np.asarray(n) - o, state.params, params0)
-    for a, n, b in zip(jax.tree.leaves(update1), jax.tree.leaves(noise), jax.tree.leaves(update2)):
-      assert np.linalg.norm(b - a) <= 5 * np.linalg.norm(n - a) + 0.05 * np.linalg.norm(a) + 1e-9, a.shape
+    assert_update_close(update2, params0)
     print("OK", loss1, loss8)
 """)
 
@@ -184,3 +188,23 @@ def test_steps_compile_once_and_bfloat16_keeps_float32_state():
   assert step._cache_size() == 1  # pylint: disable=protected-access
   assert np.isfinite(float(metrics["loss"])) and int(state.step) == 3
   assert {x.dtype for x in jax.tree.leaves((state.params, state.batch_stats))} == {np.dtype(np.float32)}
+
+
+def test_bfloat16_on_the_cpu_fast_paths_fits_a_batch(monkeypatch):
+  """bfloat16 with every convolution from 8 input channels as tap matmuls (conv.py) and the fc layers as
+  float32-summed matmuls: 15 steps on one batch cut the loss to under half (0.33x; float32 0.28x, checked apart).
+  The networks are not compared value for value: bfloat16 rounding flips pooling argmaxes, and the two drift apart."""
+  monkeypatch.setattr(conv, "TAP_MIN_CHANNELS", 8)
+  rng = np.random.default_rng(1)
+  image = rng.normal(size=(2, 64, 64, 3)).astype(np.float32)
+  batch = {"image": image, "label": np.where(image[..., 0] > 0, 15, 0).astype(np.int32)}
+  mesh = training.make_mesh()
+  tx = training.make_optimizer(configs.OptimConfig(learning_rate=0.05))
+  graphdef, state = training.init_train_state(build_model(configs.model_config("small", dtype="bfloat16")), tx)
+  state = training.replicate(state, mesh)
+  step = training.jit_train_step(graphdef, tx, mesh)
+  losses = []
+  for _ in range(15):
+    state, metrics = step(state, training.global_batch(batch, mesh))
+    losses.append(float(metrics["loss"]))
+  assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses
