@@ -12,7 +12,19 @@ where the nine slices and matmuls cost more than they save (3x3, batch 8, 32
 to 512 channels: 0.4-1.2x up to 38 MFLOP, 1.1-4.1x from 151 MFLOP). There,
 and on other platforms than the CPU (whose convolution libraries are tuned for
 this), the gradient stays XLA's own; so do the forward and the input gradient
-everywhere.
+in float32.
+
+bfloat16: XLA's CPU backend converts a bfloat16 convolution, and a matmul with
+a bfloat16 result, to float32 before computing it, so `--dtype bfloat16` never
+reached the CPU's bfloat16 units (avx512_bf16, AMX) and ran slower than
+float32. A bfloat16 x bfloat16 matmul with a float32 result does reach them: a
+2048^3 one ran at 330 GFLOP/s against 200 in float32 on a 2-core AMD EPYC with
+avx512_bf16 (PyTorch's bfloat16: 288). So in bfloat16 on the CPU, convolutions
+from TAP_MIN_CHANNELS input channels (forward and input gradient) are k*k such
+matmuls of shifted views, summed in float32 (`tap_matmuls`), the weight
+gradient's matmuls are kept in that form, and `matmul` does the same for fc6
+and fc6-deconv. Below 256 channels the matmuls are too thin to win (conv1_2
+and conv2_2, forward and gradients: 1.2-1.3x slower than XLA's).
 """
 
 import math
@@ -26,7 +38,7 @@ _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 MATMUL_MIN_CHANNELS = 32
 MATMUL_MIN_FLOPS = 1e8
 # Input channels from which a bfloat16 convolution is `tap_matmuls` on the CPU.
-TAP_MIN_CHANNELS = 64
+TAP_MIN_CHANNELS = 256
 
 
 def _xla_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:

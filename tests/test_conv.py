@@ -98,7 +98,7 @@ def test_weight_gradient_is_the_matmul_form_on_the_cpu_where_it_pays(shape, cout
 
 @pytest.fixture
 def taps_at_any_size(monkeypatch):
-  """The bfloat16 tap-matmul path for the few input channels below (from 64 in the library)."""
+  """The bfloat16 tap-matmul path for the few input channels below (from 256 in the library)."""
   monkeypatch.setattr(conv, "TAP_MIN_CHANNELS", 8)
 
 
