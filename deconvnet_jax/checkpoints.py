@@ -228,13 +228,17 @@ def restore_variables(path) -> tuple[dict, dict]:
   return restored.variables, restored.meta
 
 
-def load_model(path):
+def load_model(path, dtype: str | None = None):
   """The trained model (eval mode) and its meta (config, input_norm, class names) in one call.
 
   `path`: a train.py work dir (its best checkpoint, else its latest), or one step folder.
+  `dtype`: the compute dtype to run in ("float32", "bfloat16"); the checkpoint's by default.
+  The parameters stay float32 either way.
   """
   variables, meta = restore_variables(path)
   config = ModelConfig(**meta["model"])
+  if dtype is not None:
+    config = dataclasses.replace(config, dtype=dtype)
   model = nnx.eval_shape(lambda: build_model(config))  # shapes only: no random init to overwrite
   set_variables(model, jax.tree.map(jnp.asarray, variables), source=str(path))
   model.eval()

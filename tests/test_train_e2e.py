@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -104,6 +105,14 @@ def test_load_model_gives_the_trained_network_and_rejects_mismatch(trained):
   other = build_model(model_config("small", num_classes=5))
   with pytest.raises(ValueError, match=r"score/bias has shape \(21,\), the model expects \(5,\)"):
     set_variables(other, variables, source=str(trained))
+  # infer.py --dtype bfloat16: the same float32 parameters, computed in bfloat16.
+  model16, meta16 = checkpoints.load_model(trained, dtype="bfloat16")
+  assert meta16 == meta
+  for x, y in zip(jax.tree.leaves(variables), jax.tree.leaves(get_variables(model16))):
+    assert y.dtype == np.float32
+    np.testing.assert_array_equal(x, np.asarray(y))
+  image = jnp.zeros((1, 64, 64, 3))
+  assert "bf16[" in str(jax.make_jaxpr(model16)(image)) and "bf16[" not in str(jax.make_jaxpr(model)(image))
 
 
 def write_bad_and_odd_images(folder, good):

@@ -59,6 +59,9 @@ def parse_args(argv=None):
   p.add_argument("--input-size", type=int, help="proposal crop side fed to the network "
                                                 "(default: the crop size the checkpoint trained on)")
   p.add_argument("--batch-size", type=int, default=d.batch_size, help="proposals per forward")
+  p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                 help="compute dtype (default: the checkpoint's). bfloat16 on TPUs, recent GPUs and CPUs with "
+                      "bf16 units (avx512_bf16, amx_bf16: see README, Benchmark)")
   p.add_argument("--aggregation", choices=["max", "mean"], default=d.aggregation)
   p.add_argument("--no-crf", action="store_true", help="skip the dense CRF")
   p.add_argument("--crf-processes", type=int, help="parallel CRF processes (default: all cores)")
@@ -140,8 +143,8 @@ def main(argv=None) -> int:
           file=sys.stderr)
     return 2
   try:
-    model, meta = checkpoints.load_model(args.checkpoint)
-    fcn = checkpoints.load_model(args.fcn_checkpoint)[0] if args.fcn_checkpoint else None
+    model, meta = checkpoints.load_model(args.checkpoint, args.dtype)
+    fcn = checkpoints.load_model(args.fcn_checkpoint, args.dtype)[0] if args.fcn_checkpoint else None
   except (checkpoints.CheckpointError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
