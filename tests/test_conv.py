@@ -76,22 +76,24 @@ def test_second_use_inside_jit_grad_and_bfloat16_within_a_bound(matmuls_at_any_s
   assert np.linalg.norm(g16 - want) / np.linalg.norm(want) < 0.02
 
 
-@pytest.mark.parametrize("shape, cout, matmuls", [
-    ((8, 16, 16, 64), 64, True),  # 151 MFLOP, 64 channels
-    ((8, 8, 8, 64), 64, False),  # 38 MFLOP: too little work
-    ((8, 64, 64, 16), 16, False),  # 151 MFLOP but 16 channels
+@pytest.mark.parametrize("shape, k, cout, matmuls", [
+    ((8, 16, 16, 64), 3, 64, True),  # 151 MFLOP, 64 channels
+    ((8, 8, 8, 64), 3, 64, False),  # 38 MFLOP: too little work
+    ((8, 64, 64, 16), 3, 16, False),  # 151 MFLOP but 16 channels
+    ((2, 8, 8, 16), 1, 5, True),  # 1x1 (the score layer's): one matmul, at any size
 ])
-def test_weight_gradient_is_the_matmul_form_on_the_cpu_where_it_pays(shape, cout, matmuls):
-  """On the CPU the custom rule's dW is `weight_gradient`'s, bit for bit, from 32 output channels and
-  100 MFLOP; below either, XLA's own."""
+def test_weight_gradient_is_the_matmul_form_on_the_cpu_where_it_pays(shape, k, cout, matmuls):
+  """On the CPU the custom rule's dW is `weight_gradient`'s, bit for bit, for 1x1 kernels and otherwise from
+  32 output channels and 100 MFLOP; below either, XLA's own."""
   rng = np.random.default_rng(3)
   x = rng.normal(size=shape).astype(np.float32)
-  kernel = rng.normal(size=(3, 3, shape[3], cout)).astype(np.float32)
+  kernel = rng.normal(size=(k, k, shape[3], cout)).astype(np.float32)
+  pad = k // 2
   g = rng.normal(size=(*shape[:3], cout)).astype(np.float32)
   assert conv.uses_matmuls(kernel.shape, g.shape) == matmuls
-  dw = jax.jit(lambda x, w, g: jax.vjp(lambda w: conv2d(x, w, 1), w)[1](g)[0])(x, kernel, g)
-  plain = lambda w: xla_conv(x, w, 1)
-  want = (jax.jit(lambda x, g: weight_gradient(x, g, kernel.shape, 1))(x, g) if matmuls
+  dw = jax.jit(lambda x, w, g: jax.vjp(lambda w: conv2d(x, w, pad), w)[1](g)[0])(x, kernel, g)
+  plain = lambda w: xla_conv(x, w, pad)
+  want = (jax.jit(lambda x, g: weight_gradient(x, g, kernel.shape, pad))(x, g) if matmuls
           else jax.jit(lambda g: jax.vjp(plain, kernel)[1](g)[0])(g))
   np.testing.assert_array_equal(dw, want)
 
