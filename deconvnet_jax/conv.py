@@ -10,9 +10,11 @@ other shapes the matmuls were 1.8-5.6x faster. They lose where the gradient is
 small work: below 32 output channels (0.2-0.7x) and below about 100 MFLOP,
 where the nine slices and matmuls cost more than they save (3x3, batch 8, 32
 to 512 channels: 0.4-1.2x up to 38 MFLOP, 1.1-4.1x from 151 MFLOP). A 1x1
-kernel is one matmul with nothing to slice, and wins at any size: the score
-layer's (224x224, 64 -> 21, batch 4) took 17 ms against XLA's 164, and 0.7
-against 1.7 ms at 56x56, 32 -> 21. Elsewhere,
+kernel is one matmul with nothing to slice, and wins at any width: the score
+layer's (224x224, 64 -> 21, batch 4) took 17 ms against XLA's 164. Below
+100 MFLOP it saves under a millisecond (0.7 against 1.7 ms at 56x56, 32 -> 21)
+and costs compile time (0.3-0.6 s on the small model's train step), so XLA's
+stays there too. Elsewhere,
 and on other platforms than the CPU (whose convolution libraries are tuned for
 this), the gradient stays XLA's own; so do the forward and the input gradient
 in float32.
@@ -86,11 +88,11 @@ conv2d.defvjp(_forward, _backward)
 
 
 def uses_matmuls(kernel_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> bool:
-  """Whether the CPU weight gradient is `weight_gradient`'s: a 1x1 kernel (one matmul, no views to slice), or
-  enough output channels and FLOPs."""
+  """Whether the CPU weight gradient is `weight_gradient`'s: enough FLOPs, and enough output channels or a 1x1
+  kernel (one matmul, no views to slice)."""
   kh, kw, ci, co = kernel_shape
   flops = 2 * math.prod(out_shape) * kh * kw * ci  # 2 * B*H'*W' * kh*kw*Ci*Co
-  return kh * kw == 1 or (co >= MATMUL_MIN_CHANNELS and flops >= MATMUL_MIN_FLOPS)
+  return flops >= MATMUL_MIN_FLOPS and (kh * kw == 1 or co >= MATMUL_MIN_CHANNELS)
 
 
 def _matmul(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:

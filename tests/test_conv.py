@@ -80,11 +80,12 @@ def test_second_use_inside_jit_grad_and_bfloat16_within_a_bound(matmuls_at_any_s
     ((8, 16, 16, 64), 3, 64, True),  # 151 MFLOP, 64 channels
     ((8, 8, 8, 64), 3, 64, False),  # 38 MFLOP: too little work
     ((8, 64, 64, 16), 3, 16, False),  # 151 MFLOP but 16 channels
-    ((2, 8, 8, 16), 1, 5, True),  # 1x1 (the score layer's): one matmul, at any size
+    ((8, 64, 64, 96), 1, 21, True),  # 1x1, 132 MFLOP: one matmul, at any width (the score layer's)
+    ((8, 64, 64, 64), 1, 21, False),  # 1x1, 88 MFLOP: too little work
 ])
 def test_weight_gradient_is_the_matmul_form_on_the_cpu_where_it_pays(shape, k, cout, matmuls):
-  """On the CPU the custom rule's dW is `weight_gradient`'s, bit for bit, for 1x1 kernels and otherwise from
-  32 output channels and 100 MFLOP; below either, XLA's own."""
+  """On the CPU the custom rule's dW is `weight_gradient`'s, bit for bit, from 100 MFLOP and 32 output channels
+  (any number for a 1x1 kernel); below either, XLA's own."""
   rng = np.random.default_rng(3)
   x = rng.normal(size=shape).astype(np.float32)
   kernel = rng.normal(size=(k, k, shape[3], cout)).astype(np.float32)
