@@ -146,10 +146,10 @@ def main():
   print("|---|---:|---:|---:|---:|")
   for dtype in dtypes:
     suffix = "" if dtype == "float32" else f", {dtype}"
-    for name, f in [("forward", flops), ("train step", 3 * flops)]:
+    for label, name, f in [("forward (inference BN)", "forward", flops),
+                           ("train step (fwd+bwd+SGD)", "train step", 3 * flops)]:
       t = rounds[0][dtype][name]
       g = f * b / t / 1e9
-      label = {"forward": "forward (inference BN)", "train step": "train step (fwd+bwd+SGD)"}[name]
       print(f"| {label}{suffix} | {t / b:.3f} | {b / t:.2f} | {g:.0f} | {g / best:.0%} |")
   print(f"| pool + unpool (fwd+bwd) share of the train step | {share:.1%} | | | |")
   if args.torch_rounds:
@@ -208,13 +208,14 @@ def torch_table(config_name: str, b: int, size: int, repeats: int, n: int, round
       out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
       theirs[name].append(json.loads(out.splitlines()[-1]))
   bf16 = "bf16 autocast" in theirs and "bfloat16" in rounds[0]
-  bf16_header = " | ours bfloat16 | PyTorch bf16 autocast" if bf16 else ""
   span = lambda xs: f"{min(xs):.2f}" if len(xs) == 1 or f"{min(xs):.2f}" == f"{max(xs):.2f}" else \
       f"{min(xs):.2f}-{max(xs):.2f}"
   version = theirs["float32"][0]["version"]  # as the torch processes reported it
-  print(f"\n| batch {b}, {n} alternating rounds, img/s | ours | PyTorch {version} eager float32"
-        f"{bf16_header} | ours / PyTorch float32" + " | ours / PyTorch, bf16 |" * bf16 + " |" * (not bf16))
-  print("|---|---:|---:|" + "---:|" * (1 + 3 * bf16))
+  columns = ["ours", f"PyTorch {version} eager float32"]
+  columns += ["ours bfloat16", "PyTorch bf16 autocast"] * bf16 + ["ours / PyTorch float32"]
+  columns += ["ours / PyTorch, bf16"] * bf16
+  print(f"\n| batch {b}, {n} alternating rounds, img/s | " + " | ".join(columns) + " |")
+  print("|---|" + "---:|" * len(columns))
   for part in ("train step", "forward"):
     speed = lambda runs, key=None: [b / (r[key] if key else r)[part] for r in runs]
     mine, f32 = speed(rounds, "float32"), speed(theirs["float32"])

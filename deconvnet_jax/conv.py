@@ -69,12 +69,13 @@ def _forward(x, kernel, pad):
 
 def _backward(pad, residuals, g):
   x, kernel = residuals
-  if uses_tap_matmuls(g.dtype, kernel.shape[:2] + kernel.shape[2:][::-1]):
+  flipped = kernel[::-1, ::-1].transpose(0, 1, 3, 2)  # [k, k, Co, Ci]
+  if uses_tap_matmuls(g.dtype, flipped.shape):
     # The input gradient is the convolution of g, padded by k-1-pad, with the flipped, transposed kernel.
     kh, kw = kernel.shape[:2]
     g_pad = jax.lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (kh - 1 - pad,) * 2 + (0,),
                                                     (kw - 1 - pad,) * 2 + (0,), (0, 0, 0)))
-    dx = _conv(g_pad, kernel[::-1, ::-1].transpose(0, 1, 3, 2), 0)
+    dx = _conv(g_pad, flipped, 0)
   else:
     dx = jax.vjp(lambda x: _xla_conv(x, kernel, pad), x)[1](g)[0]
   xla = lambda x, g: jax.vjp(lambda w: _xla_conv(x, w, pad), kernel)[1](g)[0]
