@@ -1,4 +1,9 @@
-"""Stride-1 convolution whose weight gradient is computed as k*k matmuls.
+"""Stride-1 convolution and its gradients on the CPU: oneDNN's where installed, else XLA's with our matmuls.
+
+With the onednn extra installed (`onednn.py`), the CPU's convolutions, both
+gradients included, are oneDNN's custom calls, in float32 and bfloat16. What
+follows is the path without it, which stays for other platforms' users and
+for processes with several CPU devices.
 
 XLA's CPU backend computes a convolution's weight gradient as a convolution
 over the whole batch and image, which is slow where the image is large and the
@@ -38,6 +43,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from deconvnet_jax import onednn
+
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 # Output channels and weight-gradient FLOPs from which the matmuls are used on the CPU.
 MATMUL_MIN_CHANNELS = 32
@@ -51,10 +58,15 @@ def _xla_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
 
 
 def _conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
-  """XLA's convolution; in bfloat16 on the CPU, `tap_matmuls` where the input has enough channels."""
-  if not uses_tap_matmuls(x.dtype, kernel.shape):
+  """XLA's convolution; on the CPU oneDNN's where it is installed, else in bfloat16 `tap_matmuls` where the
+  input has enough channels."""
+  if onednn.usable(pad, kernel, x):
+    cpu = partial(onednn.conv, pad=pad)
+  elif uses_tap_matmuls(x.dtype, kernel.shape):
+    cpu = partial(tap_matmuls, pad=pad)
+  else:
     return _xla_conv(x, kernel, pad)
-  return jax.lax.platform_dependent(x, kernel, cpu=partial(tap_matmuls, pad=pad), default=partial(_xla_conv, pad=pad))
+  return jax.lax.platform_dependent(x, kernel, cpu=cpu, default=partial(_xla_conv, pad=pad))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -69,6 +81,12 @@ def _forward(x, kernel, pad):
 
 def _backward(pad, residuals, g):
   x, kernel = residuals
+  xla = lambda x, g: jax.vjp(lambda w: _xla_conv(x, w, pad), kernel)[1](g)[0]
+  if onednn.usable(pad, kernel, x, g):
+    dx = jax.lax.platform_dependent(g, kernel, cpu=lambda g, k: onednn.input_gradient(g, k, pad, x.shape),
+                                    default=lambda g, k: jax.vjp(lambda x: _xla_conv(x, k, pad), x)[1](g)[0])
+    dw = lambda x, g: onednn.weight_gradient(x, g, kernel.shape, pad).astype(kernel.dtype)
+    return dx, jax.lax.platform_dependent(x, g, cpu=dw, default=xla)
   flipped = kernel[::-1, ::-1].transpose(0, 1, 3, 2)  # [k, k, Co, Ci]
   if uses_tap_matmuls(g.dtype, flipped.shape):
     # The input gradient is the convolution of g, padded by k-1-pad, with the flipped, transposed kernel.
@@ -78,7 +96,6 @@ def _backward(pad, residuals, g):
     dx = _conv(g_pad, flipped, 0)
   else:
     dx = jax.vjp(lambda x: _xla_conv(x, kernel, pad), x)[1](g)[0]
-  xla = lambda x, g: jax.vjp(lambda w: _xla_conv(x, w, pad), kernel)[1](g)[0]
   if not uses_matmuls(kernel.shape, g.shape):
     return dx, xla(x, g)
   matmuls = lambda x, g: weight_gradient(x, g, kernel.shape, pad).astype(kernel.dtype)

@@ -16,6 +16,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from deconvnet_jax import onednn
+
 FORMAT = "deconvnet_jax.export/1"
 
 
@@ -43,7 +45,8 @@ def export_model(model, out, class_names, input_size: int, source: str = "") -> 
   (b,) = jax.export.symbolic_shape("b")
   args = ([jax.ShapeDtypeStruct(p.shape, p.dtype) for p in leaves],
           jax.ShapeDtypeStruct((b, input_size, input_size, 3), np.uint8))
-  exported = jax.export.export(jax.jit(logits))(*args)
+  with onednn.portable():  # a serialized program cannot call this process's oneDNN library
+    exported = jax.export.export(jax.jit(logits))(*args)
   meta = {"format": FORMAT, "class_names": list(class_names), "input_size": input_size,
           "input": "RGB uint8 [batch, input_size, input_size, 3]",
           "output": f"logits float32 [batch, input_size, input_size, {len(class_names)}]",

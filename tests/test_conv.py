@@ -1,18 +1,43 @@
-"""conv2d's custom weight gradient: against a float64 NumPy reference and XLA's own gradient."""
+"""conv2d on each of its CPU paths (XLA's with our weight gradient, bfloat16 tap matmuls, oneDNN's): against a
+float64 NumPy reference and XLA's own gradient."""
+
+import importlib.metadata
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deconvnet_jax import conv
+from deconvnet_jax import conv, onednn
 from deconvnet_jax.conv import MATMUL_MIN_CHANNELS, conv2d, matmul, weight_gradient
 
 
 @pytest.fixture
-def matmuls_at_any_size(monkeypatch):
+def xla_paths(monkeypatch):
+  """conv2d as without the oneDNN extra: XLA's convolutions and our matmul forms."""
+  monkeypatch.setattr(onednn, "usable", lambda *args: False)
+
+
+@pytest.fixture
+def matmuls_at_any_size(monkeypatch, xla_paths):
   """The matmul weight gradient for the small shapes below (from 32 output channels, as ever)."""
   monkeypatch.setattr(conv, "MATMUL_MIN_FLOPS", 0)
+
+
+@pytest.fixture(params=["xla", "onednn"])
+def backend(request, monkeypatch):
+  """Each CPU path in turn; oneDNN's is skipped only where its wheels are not installed (the dev
+  requirements install them), and fails where they are but it does not build."""
+  if request.param == "xla":
+    monkeypatch.setattr(onednn, "usable", lambda *args: False)
+    monkeypatch.setattr(conv, "MATMUL_MIN_FLOPS", 0)
+  else:
+    try:
+      importlib.metadata.version("onednn-cpu-gomp")
+    except importlib.metadata.PackageNotFoundError:
+      pytest.skip("the onednn extra is not installed")
+    assert onednn.loaded(), "the oneDNN wheels are installed but onednn_conv.cc did not build or load"
+  return request.param
 
 
 def xla_conv(x, w, pad):
@@ -42,7 +67,7 @@ def reference(x, kernel, g, pad):
 @pytest.mark.parametrize("cout", [6, MATMUL_MIN_CHANNELS])  # XLA's weight gradient, then the matmuls
 @pytest.mark.parametrize("k, pad, shape", [(3, 1, (2, 9, 7, 5)), (1, 0, (2, 6, 5, 4)), (3, 0, (1, 8, 8, 3)),
                                            (7, 0, (2, 7, 9, 4)), (3, 2, (2, 5, 6, 3))])
-def test_forward_and_gradients_match_float64_loops(k, pad, shape, cout, matmuls_at_any_size):
+def test_forward_and_gradients_match_float64_loops(k, pad, shape, cout, backend):
   rng = np.random.default_rng(k + pad)
   x = rng.normal(size=shape).astype(np.float32)
   kernel = rng.normal(size=(k, k, shape[3], cout)).astype(np.float32)
@@ -61,7 +86,7 @@ def test_forward_and_gradients_match_float64_loops(k, pad, shape, cout, matmuls_
   np.testing.assert_allclose(dx, xla_dx, rtol=1e-5, atol=1e-5)
 
 
-def test_second_use_inside_jit_grad_and_bfloat16_within_a_bound(matmuls_at_any_size):
+def test_second_use_inside_jit_grad_and_bfloat16_within_a_bound(backend):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 16, 16, 32)).astype(np.float32)
   kernel = (rng.normal(size=(3, 3, 32, 32)) * 0.1).astype(np.float32)
@@ -83,7 +108,7 @@ def test_second_use_inside_jit_grad_and_bfloat16_within_a_bound(matmuls_at_any_s
     ((8, 64, 64, 96), 1, 21, True),  # 1x1, 132 MFLOP: one matmul, at any width (the score layer's)
     ((8, 64, 64, 64), 1, 21, False),  # 1x1, 88 MFLOP: too little work
 ])
-def test_weight_gradient_is_the_matmul_form_on_the_cpu_where_it_pays(shape, k, cout, matmuls):
+def test_weight_gradient_is_the_matmul_form_on_the_cpu_where_it_pays(shape, k, cout, matmuls, xla_paths):
   """On the CPU the custom rule's dW is `weight_gradient`'s, bit for bit, from 100 MFLOP and 32 output channels
   (any number for a 1x1 kernel); below either, XLA's own."""
   rng = np.random.default_rng(3)
@@ -100,7 +125,7 @@ def test_weight_gradient_is_the_matmul_form_on_the_cpu_where_it_pays(shape, k, c
 
 
 @pytest.fixture
-def taps_at_any_size(monkeypatch):
+def taps_at_any_size(monkeypatch, xla_paths):
   """The bfloat16 tap-matmul path for the few input channels below (from 256 in the library)."""
   monkeypatch.setattr(conv, "TAP_MIN_CHANNELS", 8)
 
@@ -142,3 +167,54 @@ def test_matmul_and_its_gradients_match_float64(dtype, rtol):
   for got, want in [(y, a @ b), (da, g @ b.T), (db, a.T @ g)]:
     assert got.shape == want.shape
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol, atol=1e-5)
+
+
+@pytest.mark.parametrize("k, pad, shape", [(3, 1, (2, 9, 7, 8)), (1, 0, (2, 6, 5, 8)), (3, 2, (2, 5, 6, 3))])
+def test_onednn_bfloat16_rounds_float64_once_and_portable_programs_keep_xla(k, pad, shape, backend):
+  """oneDNN in bfloat16: the forward and both gradients are float64's result rounded once to bfloat16 (relative
+  error at most 2^-8 an element), through its custom calls alone; under `onednn.portable()` (jax.export) the
+  program keeps XLA's convolution."""
+  if backend != "onednn":
+    pytest.skip("oneDNN's path")
+  rng = np.random.default_rng(k + pad)
+  x = jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+  kernel = jnp.asarray(rng.normal(size=(k, k, shape[3], 16)), jnp.bfloat16)
+  y, vjp = jax.vjp(lambda x, w: conv2d(x, w, pad), x, kernel)
+  g = jnp.asarray(rng.normal(size=y.shape), jnp.bfloat16)
+  dx, dw = vjp(g)
+  assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16
+  want_y, want_dx, want_dw = reference(*(np.asarray(a, np.float32) for a in (x, kernel, g)), pad)
+  for got, want in [(y, want_y), (dx, want_dx), (dw, want_dw)]:
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2**-8, atol=1e-5)
+  step = jax.jit(lambda x, w, g: jax.vjp(lambda x, w: conv2d(x, w, pad), x, w)[1](g))
+  hlo = step.lower(x, kernel, g).compile().as_text()  # the CPU's branches, optimized
+  assert " convolution(" not in hlo and "deconvnet_onednn_conv_BackwardData" in hlo
+  assert "deconvnet_onednn_conv_BackwardWeights" in hlo
+  with onednn.portable():
+    hlo = jax.jit(lambda x, w: conv2d(x, w, pad)).lower(x, kernel).as_text()
+  assert "convolution" in hlo and "deconvnet_onednn" not in hlo
+  assert "deconvnet_onednn_conv_Forward" in jax.jit(lambda x, w: conv2d(x, w, pad)).lower(x, kernel).as_text()
+  # Padding of k zeros or more a side (FCN-8s's conv1_1 pads 100) stays XLA's: oneDNN 3.2 crashed on it.
+  hlo = jax.jit(lambda x, w: conv2d(x, w, k)).lower(x, kernel).as_text()
+  assert "convolution" in hlo and "deconvnet_onednn" not in hlo
+
+
+def test_onednn_is_optional_and_a_failed_build_falls_back_to_xla_with_a_warning(monkeypatch, tmp_path):
+  """DECONVNET_ONEDNN=0 turns it off; a compiler that fails is a warning naming the source file, not an error;
+  a fresh cache folder is built into without leaving temporaries."""
+  monkeypatch.setenv(onednn.ENV, "0")
+  assert onednn.loaded.__wrapped__() is False
+  monkeypatch.delenv(onednn.ENV)
+  try:
+    lib_dir, include_dir = onednn._wheel_dirs()
+  except importlib.metadata.PackageNotFoundError:
+    pytest.skip("the onednn extra is not installed")
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  monkeypatch.setenv("CXX", "false")
+  with pytest.warns(UserWarning, match="building onednn_conv.cc failed"):
+    assert onednn.loaded.__wrapped__() is False
+  monkeypatch.delenv("CXX")
+  built = onednn._build(lib_dir, include_dir)
+  assert built.parent == tmp_path / "deconvnet_jax" and list(built.parent.iterdir()) == [built]
+  assert onednn._build(lib_dir, include_dir) == built  # cached: the same file, not rebuilt

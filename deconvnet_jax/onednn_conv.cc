@@ -1,0 +1,173 @@
+// oneDNN's stride-1 2-D convolution, its input gradient and its weight gradient as XLA FFI handlers.
+//
+// Layouts are the model's: activations NHWC, kernels HWIO; oneDNN picks its own kernel layout and the
+// kernels are reordered on each call (the activations, by far the larger tensors, are used in place).
+// float32 and bfloat16; bfloat16 sums in float32 and rounds once. The weight gradient is float32.
+// Built and loaded by onednn.py.
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+
+namespace {
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// One convolution's geometry: x [n, h, w, ci], kernel [k, k, ci, co], `pad` zeros each side.
+struct Geometry {
+  int64_t n, h, w, ci, k, co, pad;
+  memory::data_type dt;
+  int64_t ho() const { return h + 2 * pad - k + 1; }
+  int64_t wo() const { return w + 2 * pad - k + 1; }
+  auto key() const { return std::make_tuple(n, h, w, ci, k, co, pad, static_cast<int>(dt)); }
+  memory::desc x() const { return memory::desc({n, ci, h, w}, dt, tag::nhwc); }
+  memory::desc y() const { return memory::desc({n, co, ho(), wo()}, dt, tag::nhwc); }
+  memory::desc kernel(memory::data_type t, tag layout) const { return memory::desc({co, ci, k, k}, t, layout); }
+  memory::dims strides() const { return {1, 1}; }
+  memory::dims padding() const { return {pad, pad}; }
+};
+
+// The three primitives of one geometry, created on first use.
+struct Conv {
+  dnnl::convolution_forward::primitive_desc fwd;
+  dnnl::convolution_backward_data::primitive_desc bwd_data;
+  dnnl::convolution_backward_weights::primitive_desc bwd_weights;
+  dnnl::convolution_forward fwd_p;
+  dnnl::convolution_backward_data bwd_data_p;
+  dnnl::convolution_backward_weights bwd_weights_p;
+
+  explicit Conv(const Geometry& g) {
+    auto& e = Engine();
+    auto any = g.kernel(g.dt, tag::any);
+    fwd = dnnl::convolution_forward::primitive_desc(e, dnnl::prop_kind::forward_training,
+                                                    dnnl::algorithm::convolution_direct, g.x(), any, g.y(),
+                                                    g.strides(), g.padding(), g.padding());
+    bwd_data = dnnl::convolution_backward_data::primitive_desc(e, dnnl::algorithm::convolution_direct, g.x(), any,
+                                                               g.y(), g.strides(), g.padding(), g.padding(), fwd);
+    bwd_weights = dnnl::convolution_backward_weights::primitive_desc(
+        e, dnnl::algorithm::convolution_direct, g.x(), g.kernel(memory::data_type::f32, tag::any), g.y(),
+        g.strides(), g.padding(), g.padding(), fwd);
+    fwd_p = dnnl::convolution_forward(fwd);
+    bwd_data_p = dnnl::convolution_backward_data(bwd_data);
+    bwd_weights_p = dnnl::convolution_backward_weights(bwd_weights);
+  }
+};
+
+const Conv& Get(const Geometry& g) {
+  static std::mutex mutex;
+  static std::map<decltype(g.key()), std::unique_ptr<Conv>> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& slot = cache[g.key()];
+  if (!slot) slot = std::make_unique<Conv>(g);
+  return *slot;
+}
+
+// float32 or bfloat16 (undef: neither).
+memory::data_type DataType(ffi::DataType t) {
+  if (t == ffi::DataType::F32) return memory::data_type::f32;
+  if (t == ffi::DataType::BF16) return memory::data_type::bf16;
+  return memory::data_type::undef;
+}
+
+const ffi::Error kBadType = ffi::Error::InvalidArgument("onednn_conv: float32 or bfloat16 only");
+
+// `user` as the layout `want`: itself, or a reordered copy in `scratch`.
+memory AsLayout(const memory& user, const memory::desc& want, memory& scratch, dnnl::stream& s) {
+  if (user.get_desc() == want) return user;
+  scratch = memory(want, Engine());
+  dnnl::reorder(user, scratch).execute(s, const_cast<memory&>(user), scratch);
+  return scratch;
+}
+
+template <typename F>
+ffi::Error Guarded(F body) {
+  try {
+    body();
+    return ffi::Error::Success();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
+  }
+}
+
+// y [n, ho, wo, co] = x [n, h, w, ci] (*) kernel [k, k, ci, co].
+ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> y, int64_t pad) {
+  auto dt = DataType(x.element_type());
+  if (dt == memory::data_type::undef) return kBadType;
+  auto xd = x.dimensions(), kd = kernel.dimensions();
+  Geometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[3], pad, dt};
+  return Guarded([&] {
+    const Conv& c = Get(g);
+    auto& e = Engine();
+    dnnl::stream s(e);
+    memory xm(g.x(), e, x.untyped_data()), ym(g.y(), e, y->untyped_data());
+    memory km(g.kernel(g.dt, tag::hwio), e, kernel.untyped_data()), scratch;
+    memory kw = AsLayout(km, c.fwd.weights_desc(), scratch, s);
+    c.fwd_p.execute(s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, kw}, {DNNL_ARG_DST, ym}});
+    s.wait();
+  });
+}
+
+// dx [n, h, w, ci] from dy [n, ho, wo, co] and kernel [k, k, ci, co].
+ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> dx, int64_t pad) {
+  auto dt = DataType(dy.element_type());
+  if (dt == memory::data_type::undef) return kBadType;
+  auto xd = dx->dimensions(), kd = kernel.dimensions();
+  Geometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[3], pad, dt};
+  return Guarded([&] {
+    const Conv& c = Get(g);
+    auto& e = Engine();
+    dnnl::stream s(e);
+    memory dym(g.y(), e, dy.untyped_data()), dxm(g.x(), e, dx->untyped_data());
+    memory km(g.kernel(g.dt, tag::hwio), e, kernel.untyped_data()), scratch;
+    memory kw = AsLayout(km, c.bwd_data.weights_desc(), scratch, s);
+    c.bwd_data_p.execute(s, {{DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_WEIGHTS, kw}, {DNNL_ARG_DIFF_SRC, dxm}});
+    s.wait();
+  });
+}
+
+// dkernel [k, k, ci, co] float32 from x [n, h, w, ci] and dy [n, ho, wo, co].
+ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dkernel, int64_t pad) {
+  auto dt = DataType(x.element_type());
+  if (dt == memory::data_type::undef) return kBadType;
+  if (dkernel->element_type() != ffi::DataType::F32) return ffi::Error::InvalidArgument("dkernel: float32");
+  auto xd = x.dimensions(), kd = dkernel->dimensions();
+  Geometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[3], pad, dt};
+  return Guarded([&] {
+    const Conv& c = Get(g);
+    auto& e = Engine();
+    dnnl::stream s(e);
+    memory xm(g.x(), e, x.untyped_data()), dym(g.y(), e, dy.untyped_data());
+    memory out(g.kernel(memory::data_type::f32, tag::hwio), e, dkernel->untyped_data());
+    auto want = c.bwd_weights.diff_weights_desc();
+    bool direct = want == out.get_desc();
+    memory dk = direct ? out : memory(want, e);
+    c.bwd_weights_p.execute(s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_DIFF_WEIGHTS, dk}});
+    if (!direct) dnnl::reorder(dk, out).execute(s, dk, out);
+    s.wait();
+  });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DeconvnetOnednnConvForward, Forward,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("pad"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DeconvnetOnednnConvBackwardData, BackwardData,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("pad"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DeconvnetOnednnConvBackwardWeights, BackwardWeights,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("pad"));
