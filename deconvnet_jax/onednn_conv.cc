@@ -102,40 +102,39 @@ ffi::Error Guarded(F body) {
   }
 }
 
-// y [n, ho, wo, co] = x [n, h, w, ci] (*) kernel [k, k, ci, co].
-ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> y, int64_t pad) {
-  auto dt = DataType(x.element_type());
+// Runs the forward (`backward` false: a = x, b = y) or the input gradient (true: a = dx, b = dy) of the
+// convolution of `kernel` [k, k, ci, co], with x-shaped `a` and y-shaped `b` [n, ho, wo, co].
+ffi::Error WithKernel(bool backward, ffi::AnyBuffer in, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> out,
+                      int64_t pad) {
+  auto dt = DataType(in.element_type());
   if (dt == memory::data_type::undef) return kBadType;
-  auto xd = x.dimensions(), kd = kernel.dimensions();
+  auto xd = backward ? out->dimensions() : in.dimensions(), kd = kernel.dimensions();
   Geometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[3], pad, dt};
   return Guarded([&] {
     const Conv& c = Get(g);
     auto& e = Engine();
     dnnl::stream s(e);
-    memory xm(g.x(), e, x.untyped_data()), ym(g.y(), e, y->untyped_data());
+    memory a(g.x(), e, backward ? out->untyped_data() : in.untyped_data());
+    memory b(g.y(), e, backward ? in.untyped_data() : out->untyped_data());
     memory km(g.kernel(g.dt, tag::hwio), e, kernel.untyped_data()), scratch;
-    memory kw = AsLayout(km, c.fwd.weights_desc(), scratch, s);
-    c.fwd_p.execute(s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, kw}, {DNNL_ARG_DST, ym}});
+    memory kw = AsLayout(km, backward ? c.bwd_data.weights_desc() : c.fwd.weights_desc(), scratch, s);
+    if (backward) {
+      c.bwd_data_p.execute(s, {{DNNL_ARG_DIFF_DST, b}, {DNNL_ARG_WEIGHTS, kw}, {DNNL_ARG_DIFF_SRC, a}});
+    } else {
+      c.fwd_p.execute(s, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, kw}, {DNNL_ARG_DST, b}});
+    }
     s.wait();
   });
 }
 
+// y [n, ho, wo, co] = x [n, h, w, ci] (*) kernel [k, k, ci, co].
+ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> y, int64_t pad) {
+  return WithKernel(false, x, kernel, y, pad);
+}
+
 // dx [n, h, w, ci] from dy [n, ho, wo, co] and kernel [k, k, ci, co].
 ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> dx, int64_t pad) {
-  auto dt = DataType(dy.element_type());
-  if (dt == memory::data_type::undef) return kBadType;
-  auto xd = dx->dimensions(), kd = kernel.dimensions();
-  Geometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[3], pad, dt};
-  return Guarded([&] {
-    const Conv& c = Get(g);
-    auto& e = Engine();
-    dnnl::stream s(e);
-    memory dym(g.y(), e, dy.untyped_data()), dxm(g.x(), e, dx->untyped_data());
-    memory km(g.kernel(g.dt, tag::hwio), e, kernel.untyped_data()), scratch;
-    memory kw = AsLayout(km, c.bwd_data.weights_desc(), scratch, s);
-    c.bwd_data_p.execute(s, {{DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_WEIGHTS, kw}, {DNNL_ARG_DIFF_SRC, dxm}});
-    s.wait();
-  });
+  return WithKernel(true, dy, kernel, dx, pad);
 }
 
 // dkernel [k, k, ci, co] float32 from x [n, h, w, ci] and dy [n, ho, wo, co].

@@ -124,6 +124,23 @@ def test_weight_gradient_is_the_matmul_form_on_the_cpu_where_it_pays(shape, k, c
   np.testing.assert_array_equal(dw, want)
 
 
+def assert_bfloat16_rounds_float64_once(k: int, pad: int, shape) -> tuple:
+  """conv2d's forward and both gradients in bfloat16 are float64's result rounded once (relative error at most
+  2^-8 an element); returns the operands (x, kernel, g)."""
+  rng = np.random.default_rng(k + pad)
+  x = jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+  kernel = jnp.asarray(rng.normal(size=(k, k, shape[3], 16)), jnp.bfloat16)
+  y, vjp = jax.vjp(lambda x, w: conv2d(x, w, pad), x, kernel)
+  g = jnp.asarray(rng.normal(size=y.shape), jnp.bfloat16)
+  dx, dw = vjp(g)
+  assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16
+  want_y, want_dx, want_dw = reference(*(np.asarray(a, np.float32) for a in (x, kernel, g)), pad)
+  for got, want in [(y, want_y), (dx, want_dx), (dw, want_dw)]:
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2**-8, atol=1e-5)
+  return x, kernel, g
+
+
 @pytest.fixture
 def taps_at_any_size(monkeypatch, xla_paths):
   """The bfloat16 tap-matmul path for the few input channels below (from 256 in the library)."""
@@ -135,17 +152,7 @@ def taps_at_any_size(monkeypatch, xla_paths):
 def test_bfloat16_tap_matmuls_round_float64_once(k, pad, shape, taps_at_any_size):
   """bfloat16 on the CPU: the forward and input gradient as tap matmuls summed in float32 are float64's result
   rounded once to bfloat16 (relative error at most 2^-8 an element), and no convolution is left in the program."""
-  rng = np.random.default_rng(k + pad)
-  x, kernel = rng.normal(size=shape), rng.normal(size=(k, k, shape[3], 16))
-  x, kernel = jnp.asarray(x, jnp.bfloat16), jnp.asarray(kernel, jnp.bfloat16)
-  y, vjp = jax.vjp(lambda x, w: conv2d(x, w, pad), x, kernel)
-  g = jnp.asarray(rng.normal(size=y.shape), jnp.bfloat16)
-  dx, dw = vjp(g)
-  assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16
-  want_y, want_dx, want_dw = reference(*(np.asarray(a, np.float32) for a in (x, kernel, g)), pad)
-  for got, want in [(y, want_y), (dx, want_dx), (dw, want_dw)]:
-    assert got.shape == want.shape
-    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2**-8, atol=1e-5)
+  x, kernel, g = assert_bfloat16_rounds_float64_once(k, pad, shape)
   hlo = jax.jit(lambda x, w, g: jax.vjp(lambda x: conv2d(x, w, pad), x)[1](g)).lower(x, kernel, g).as_text()
   assert "convolution" not in hlo and "dot_general" in hlo
   # float32 keeps XLA's convolution.
@@ -176,17 +183,7 @@ def test_onednn_bfloat16_rounds_float64_once_and_portable_programs_keep_xla(k, p
   program keeps XLA's convolution."""
   if backend != "onednn":
     pytest.skip("oneDNN's path")
-  rng = np.random.default_rng(k + pad)
-  x = jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
-  kernel = jnp.asarray(rng.normal(size=(k, k, shape[3], 16)), jnp.bfloat16)
-  y, vjp = jax.vjp(lambda x, w: conv2d(x, w, pad), x, kernel)
-  g = jnp.asarray(rng.normal(size=y.shape), jnp.bfloat16)
-  dx, dw = vjp(g)
-  assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16
-  want_y, want_dx, want_dw = reference(*(np.asarray(a, np.float32) for a in (x, kernel, g)), pad)
-  for got, want in [(y, want_y), (dx, want_dx), (dw, want_dw)]:
-    assert got.shape == want.shape
-    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2**-8, atol=1e-5)
+  x, kernel, g = assert_bfloat16_rounds_float64_once(k, pad, shape)
   step = jax.jit(lambda x, w, g: jax.vjp(lambda x, w: conv2d(x, w, pad), x, w)[1](g))
   hlo = step.lower(x, kernel, g).compile().as_text()  # the CPU's branches, optimized
   assert " convolution(" not in hlo and "deconvnet_onednn_conv_BackwardData" in hlo
