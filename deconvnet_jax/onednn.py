@@ -34,6 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 ENV = "DECONVNET_ONEDNN"  # "0": never use oneDNN
+# Forward FLOPs from which a convolution is oneDNN's: below, each call's kernel reorder and thread start-up
+# are not repaid, and the small test model's programs stay as they were.
+MIN_FLOPS = 1e8
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 _TARGETS = ("Forward", "BackwardData", "BackwardWeights")
 _PREFIX = "deconvnet_onednn_conv_"
@@ -53,9 +56,13 @@ def portable():
 
 def usable(pad: int, kernel, *arrays) -> bool:
   """Whether a convolution of these operands runs on oneDNN: built and loaded, one CPU device, not
-  `portable`, float32 or bfloat16 operands of one dtype, and at most k - 1 zeros of padding a side."""
+  `portable`, float32 or bfloat16 operands of one dtype, at most k - 1 zeros of padding a side, and at least
+  MIN_FLOPS of work."""
   dtypes = {jnp.dtype(a.dtype) for a in (kernel, *arrays)}
+  x = arrays[0]
+  flops = 2 * np.prod(x.shape[:3]) * np.prod(kernel.shape)  # about 2 * B*H*W * k*k*Ci*Co
   return (not getattr(_portable, "on", False) and len(dtypes) == 1 and pad < min(kernel.shape[:2]) and
+          flops >= MIN_FLOPS and
           dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)} and _single_cpu() and loaded())
 
 
