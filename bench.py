@@ -26,6 +26,7 @@ import numpy as np
 
 from flax import nnx
 
+from deconvnet_jax import onednn
 from deconvnet_jax.configs import ModelConfig, model_config
 from deconvnet_jax.data.generated import make_example
 from deconvnet_jax.inference import InferenceConfig, Segmenter
@@ -110,8 +111,9 @@ def main():
 
   config = model_config(args.config)
   b, size = args.batch, args.size
+  convs = "oneDNN's (onednn extra)" if onednn.loaded() else "XLA's"
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; "
-        f"config {args.config}, {size}x{size}, batch {b}, median of {args.repeats}\n")
+        f"config {args.config}, {size}x{size}, batch {b}, median of {args.repeats}; CPU convolutions: {convs}\n")
 
   print("| machine | ms | GFLOP/s |\n|---|---:|---:|")
   peak = machine_peak(args.repeats)

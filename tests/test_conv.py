@@ -24,20 +24,25 @@ def matmuls_at_any_size(monkeypatch, xla_paths):
   monkeypatch.setattr(conv, "MATMUL_MIN_FLOPS", 0)
 
 
+def use_onednn(monkeypatch):
+  """oneDNN's path at any size; skipped only where its wheels are not installed (the dev requirements install
+  them), failing where they are but it does not build."""
+  try:
+    importlib.metadata.version("onednn-cpu-gomp")
+  except importlib.metadata.PackageNotFoundError:
+    pytest.skip("the onednn extra is not installed")
+  assert onednn.loaded(), "the oneDNN wheels are installed but onednn_conv.cc did not build or load"
+  monkeypatch.setattr(onednn, "MIN_FLOPS", 0)  # the small shapes below
+
+
 @pytest.fixture(params=["xla", "onednn"])
 def backend(request, monkeypatch):
-  """Each CPU path in turn; oneDNN's is skipped only where its wheels are not installed (the dev
-  requirements install them), and fails where they are but it does not build."""
+  """Each CPU path in turn: XLA's convolutions with our matmul weight gradient, then oneDNN's."""
   if request.param == "xla":
     monkeypatch.setattr(onednn, "usable", lambda *args: False)
     monkeypatch.setattr(conv, "MATMUL_MIN_FLOPS", 0)
   else:
-    try:
-      importlib.metadata.version("onednn-cpu-gomp")
-    except importlib.metadata.PackageNotFoundError:
-      pytest.skip("the onednn extra is not installed")
-    assert onednn.loaded(), "the oneDNN wheels are installed but onednn_conv.cc did not build or load"
-    monkeypatch.setattr(onednn, "MIN_FLOPS", 0)  # the small shapes below
+    use_onednn(monkeypatch)
   return request.param
 
 
@@ -178,12 +183,11 @@ def test_matmul_and_its_gradients_match_float64(dtype, rtol):
 
 
 @pytest.mark.parametrize("k, pad, shape", [(3, 1, (2, 9, 7, 8)), (1, 0, (2, 6, 5, 8)), (3, 2, (2, 5, 6, 3))])
-def test_onednn_bfloat16_rounds_float64_once_and_portable_programs_keep_xla(k, pad, shape, backend):
+def test_onednn_bfloat16_rounds_float64_once_and_portable_programs_keep_xla(k, pad, shape, monkeypatch):
   """oneDNN in bfloat16: the forward and both gradients are float64's result rounded once to bfloat16 (relative
   error at most 2^-8 an element), through its custom calls alone; under `onednn.portable()` (jax.export) the
   program keeps XLA's convolution."""
-  if backend != "onednn":
-    pytest.skip("oneDNN's path")
+  use_onednn(monkeypatch)
   x, kernel, g = assert_bfloat16_rounds_float64_once(k, pad, shape)
   step = jax.jit(lambda x, w, g: jax.vjp(lambda x, w: conv2d(x, w, pad), x, w)[1](g))
   hlo = step.lower(x, kernel, g).compile().as_text()  # the CPU's branches, optimized
@@ -195,6 +199,10 @@ def test_onednn_bfloat16_rounds_float64_once_and_portable_programs_keep_xla(k, p
   assert "deconvnet_onednn_conv_Forward" in jax.jit(lambda x, w: conv2d(x, w, pad)).lower(x, kernel).as_text()
   # Padding of k zeros or more a side (FCN-8s's conv1_1 pads 100) stays XLA's: oneDNN 3.2 crashed on it.
   hlo = jax.jit(lambda x, w: conv2d(x, w, k)).lower(x, kernel).as_text()
+  assert "convolution" in hlo and "deconvnet_onednn" not in hlo
+  # So does a convolution under the library's 100 MFLOP (these are under 0.1).
+  monkeypatch.setattr(onednn, "MIN_FLOPS", 1e8)
+  hlo = jax.jit(lambda x, w: conv2d(x, w, pad)).lower(x, kernel).as_text()
   assert "convolution" in hlo and "deconvnet_onednn" not in hlo
 
 
