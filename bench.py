@@ -133,7 +133,7 @@ def main():
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.normal(size=(b, size, size, 3)), jnp.float32),
            "label": jnp.asarray(rng.integers(0, config.num_classes, (b, size, size)), jnp.int32)}
-  dtypes = ["float32"] + ["bfloat16"] * (args.bf16 and cpu_has_bf16())
+  dtypes = ["float32"] + ["bfloat16"] * (args.bf16 and onednn.cpu_has_bf16())
   runners = {dtype: Runner(dataclasses.replace(config, dtype=dtype), tx, mesh, batch, args.repeats) for dtype in dtypes}
   ours = lambda: {dtype: runner.time() for dtype, runner in runners.items()}
   graphdef, holder = runners["float32"].graphdef, runners["float32"].holder
@@ -196,7 +196,7 @@ def torch_table(config_name: str, b: int, size: int, repeats: int, n: int, round
     print("\n(torch not installed: no PyTorch rows; pip install torch==2.13.0 for the CPU build)")
     return
   theirs = {"float32": [], "bf16 autocast": []}
-  if not cpu_has_bf16():
+  if not onednn.cpu_has_bf16():
     print("\n(this CPU has no avx512_bf16 / amx_bf16: PyTorch's bf16 autocast would be emulated; "
           "its row is skipped)")
     del theirs["bf16 autocast"]
@@ -229,15 +229,6 @@ def torch_table(config_name: str, b: int, size: int, repeats: int, n: int, round
     if bf16:
       row += f" | {span([m / t for m, t in zip(mine16, theirs16)])}x"
     print(row + " |")
-
-
-def cpu_has_bf16() -> bool:
-  """Whether the CPU has bfloat16 arithmetic units (Linux: /proc/cpuinfo's flags)."""
-  try:
-    flags = open("/proc/cpuinfo", encoding="utf-8").read()
-  except OSError:
-    return True  # not Linux: let the run show it
-  return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def accumulation_table(graphdef, tx, mesh, holder, batch, t_step, k, repeats):

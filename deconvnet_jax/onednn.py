@@ -57,14 +57,26 @@ def portable():
 
 def usable(pad: int, kernel, *arrays) -> bool:
   """Whether a convolution of these operands runs on oneDNN: built and loaded, one CPU device, not
-  `portable`, float32 or bfloat16 operands of one dtype, at most k - 1 zeros of padding a side, and at least
-  MIN_FLOPS of work."""
+  `portable`, float32 operands or bfloat16 ones on a CPU with bf16 units, at most k - 1 zeros of padding a
+  side, and at least MIN_FLOPS of work."""
   dtypes = {jnp.dtype(a.dtype) for a in (kernel, *arrays)}
+  if dtypes == {jnp.dtype(jnp.bfloat16)} and not cpu_has_bf16():
+    return False  # oneDNN 3.2 has no bfloat16 convolution for CPUs without bf16 units
   x = arrays[0]
   flops = 2 * np.prod(x.shape[:3]) * np.prod(kernel.shape)  # about 2 * B*H*W * k*k*Ci*Co
   return (not getattr(_portable, "on", False) and len(dtypes) == 1 and pad < min(kernel.shape[:2]) and
           flops >= MIN_FLOPS and
           dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)} and _single_cpu() and loaded())
+
+
+@cache
+def cpu_has_bf16() -> bool:
+  """Whether the CPU has bfloat16 arithmetic units (Linux: /proc/cpuinfo's flags)."""
+  try:
+    flags = open("/proc/cpuinfo", encoding="utf-8").read()
+  except OSError:
+    return True  # not Linux: let the run show it
+  return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 @cache
