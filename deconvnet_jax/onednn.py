@@ -61,7 +61,7 @@ def usable(pad: int, kernel, *arrays) -> bool:
   side, and at least MIN_FLOPS of work."""
   dtypes = {jnp.dtype(a.dtype) for a in (kernel, *arrays)}
   if dtypes == {jnp.dtype(jnp.bfloat16)} and not cpu_has_bf16():
-    return False  # oneDNN 3.2 has no bfloat16 convolution for CPUs without bf16 units
+    return False  # without bf16 units oneDNN emulates bfloat16 or falls back to reference kernels (not measured)
   x = arrays[0]
   flops = 2 * np.prod(x.shape[:3]) * np.prod(kernel.shape)  # about 2 * B*H*W * k*k*Ci*Co
   return (not getattr(_portable, "on", False) and len(dtypes) == 1 and pad < min(kernel.shape[:2]) and
