@@ -81,10 +81,11 @@ def _forward(x, kernel, pad):
 
 def _backward(pad, residuals, g):
   x, kernel = residuals
+  xla_dx = lambda g, kernel: jax.vjp(lambda x: _xla_conv(x, kernel, pad), x)[1](g)[0]
   xla = lambda x, g: jax.vjp(lambda w: _xla_conv(x, w, pad), kernel)[1](g)[0]
   if onednn.usable(pad, kernel, x, g):
     dx = jax.lax.platform_dependent(g, kernel, cpu=lambda g, k: onednn.input_gradient(g, k, pad, x.shape),
-                                    default=lambda g, k: jax.vjp(lambda x: _xla_conv(x, k, pad), x)[1](g)[0])
+                                    default=xla_dx)
     dw = lambda x, g: onednn.weight_gradient(x, g, kernel.shape, pad).astype(kernel.dtype)
     return dx, jax.lax.platform_dependent(x, g, cpu=dw, default=xla)
   flipped = kernel[::-1, ::-1].transpose(0, 1, 3, 2)  # [k, k, Co, Ci]
@@ -95,7 +96,7 @@ def _backward(pad, residuals, g):
                                                     (kw - 1 - pad,) * 2 + (0,), (0, 0, 0)))
     dx = _conv(g_pad, flipped, 0)
   else:
-    dx = jax.vjp(lambda x: _xla_conv(x, kernel, pad), x)[1](g)[0]
+    dx = xla_dx(g, kernel)
   if not uses_matmuls(kernel.shape, g.shape):
     return dx, xla(x, g)
   matmuls = lambda x, g: weight_gradient(x, g, kernel.shape, pad).astype(kernel.dtype)
