@@ -57,14 +57,14 @@ def portable():
 
 def usable(pad: int, kernel, *arrays) -> bool:
   """Whether a convolution of these operands runs on oneDNN: built and loaded, one CPU device, not
-  `portable`, float32 operands or bfloat16 ones on a CPU with bf16 units, at most k - 1 zeros of padding a
-  side, and at least MIN_FLOPS of work."""
+  `portable`, float32 operands or bfloat16 ones on a CPU with bf16 units, a square k x k kernel (what
+  onednn_conv.cc handles) with at most k - 1 zeros of padding a side, and at least MIN_FLOPS of work."""
   dtypes = {jnp.dtype(a.dtype) for a in (kernel, *arrays)}
   # Without bf16 units oneDNN emulates bfloat16 or falls back to reference kernels (not measured).
   supported = {jnp.dtype(jnp.float32)} | ({jnp.dtype(jnp.bfloat16)} if cpu_has_bf16() else set())
   flops = 2 * np.prod(arrays[0].shape[:3]) * np.prod(kernel.shape)  # about 2 * B*H*W * k*k*Ci*Co
   return (not getattr(_portable, "on", False) and len(dtypes) == 1 and dtypes <= supported and
-          pad < min(kernel.shape[:2]) and flops >= MIN_FLOPS and _single_cpu() and loaded())
+          kernel.shape[0] == kernel.shape[1] > pad and flops >= MIN_FLOPS and _single_cpu() and loaded())
 
 
 @cache

@@ -200,6 +200,10 @@ def test_onednn_bfloat16_rounds_float64_once_and_portable_programs_keep_xla(k, p
   # Padding of k zeros or more a side (FCN-8s's conv1_1 pads 100) stays XLA's: oneDNN 3.2 crashed on it.
   hlo = jax.jit(lambda x, w: conv2d(x, w, k)).lower(x, kernel).as_text()
   assert "convolution" in hlo and "deconvnet_onednn" not in hlo
+  # So does a kernel that is not square (onednn_conv.cc takes k x k).
+  oblong = jnp.zeros((k + 1, k, *kernel.shape[2:]), kernel.dtype)
+  hlo = jax.jit(lambda x, w: conv2d(x, w, 0)).lower(x, oblong).as_text()
+  assert "convolution" in hlo and "deconvnet_onednn" not in hlo
   # So does bfloat16 on a CPU without bf16 units (oneDNN would emulate it there).
   monkeypatch.setattr(onednn, "cpu_has_bf16", lambda: False)
   hlo = jax.jit(lambda x, w: conv2d(x, w, pad)).lower(x, kernel).as_text()
