@@ -16,9 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from deconvnet_jax.host_memory import reuse_freed_memory
+from deconvnet_jax.host_memory import configure_process
 
-reuse_freed_memory()  # as the command-line programs do, before JAX starts its threads: see host_memory.py
+MALLOC = configure_process()  # as the command-line programs do, before JAX starts its threads: see host_memory.py
 
 import jax  # noqa: E402
 import jax.numpy as jnp
@@ -113,7 +113,8 @@ def main():
   b, size = args.batch, args.size
   convs = "oneDNN's (onednn extra)" if onednn.loaded() else "XLA's"
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; "
-        f"config {args.config}, {size}x{size}, batch {b}, median of {args.repeats}; CPU convolutions: {convs}\n")
+        f"config {args.config}, {size}x{size}, batch {b}, median of {args.repeats}; CPU convolutions: {convs}; "
+        f"host malloc: {MALLOC}\n")
 
   print("| machine | ms | GFLOP/s |\n|---|---:|---:|")
   peak = machine_peak(args.repeats)
@@ -190,7 +191,7 @@ def torch_table(config_name: str, b: int, size: int, repeats: int, n: int, round
   """The same network in PyTorch eager, float32 and bf16 autocast, in rounds alternating with ours.
 
   Each PyTorch timing is a process of its own (`bench_torch.py`): sharing this one, its tensors would stay in the
-  heap that `reuse_freed_memory` keeps, and our next round measured 40% slower for it.
+  heap (with host_memory's reuse setting, measured: our next round ran 40% slower for it).
   """
   if importlib.util.find_spec("torch") is None:  # not imported here: bench_torch.py's processes run it
     print("\n(torch not installed: no PyTorch rows; pip install torch==2.13.0 for the CPU build)")

@@ -17,9 +17,9 @@ import argparse
 import json
 import time
 
-from deconvnet_jax.host_memory import reuse_freed_memory
+from deconvnet_jax.host_memory import configure_process
 
-reuse_freed_memory()  # before torch starts its threads, as bench.py does for JAX
+configure_process()  # before torch starts its threads, as bench.py does for JAX
 
 # ruff: noqa: E402
 

@@ -7,5 +7,5 @@ import sys
 
 if __name__ == "__main__":
   # Imported here, not above: worker processes (the CRF's) re-import this file, and need none of it.
-  from deconvnet_jax.cli.convert_caffe import main
-  sys.exit(main())
+  from deconvnet_jax.cli import start_convert_caffe
+  sys.exit(start_convert_caffe())

@@ -7,5 +7,5 @@ import sys
 
 if __name__ == "__main__":
   # Imported here, not above: worker processes (the CRF's) re-import this file, and need none of it.
-  from deconvnet_jax.cli.infer import main
-  sys.exit(main())
+  from deconvnet_jax.cli import start_infer
+  sys.exit(start_infer())
