@@ -97,8 +97,12 @@ def reliable(scores, min_foreground: float = 0.01, min_confidence: float = 0.0) 
   scores = np.asarray(scores, np.float32)
   assert scores.ndim == 4, scores.shape
   foreground = (scores.argmax(-1) != 0).mean((1, 2))  # [K]
-  confidence = softmax(scores).max(-1).mean((1, 2))  # [K]
-  return (foreground >= min_foreground) & (confidence >= min_confidence)
+  keep = foreground >= min_foreground
+  # A crop's mean max-probability is at least 1 / C, so a bound <= 0 passes every crop: skip the softmax over all of
+  # them, most of this function's time (0.8 of 1.0 s at 50 proposals of 224 x 224 x 21).
+  if min_confidence > 0:
+    keep &= softmax(scores).max(-1).mean((1, 2)) >= min_confidence  # [K]
+  return keep
 
 
 def ensemble(deconv_scores, fcn_scores) -> np.ndarray:

@@ -6,6 +6,7 @@ top-level scripts and the installed commands call. Tests call `main(argv)` in-pr
 """
 
 import importlib
+from functools import partial
 
 from deconvnet_jax.host_memory import configure_process
 
@@ -16,25 +17,10 @@ def run(program: str) -> int:
   return importlib.import_module(f"deconvnet_jax.cli.{program}").main()
 
 
-def start_train() -> int:
-  return run("train")
-
-
-def start_infer() -> int:
-  return run("infer")
-
-
-def start_evaluate() -> int:
-  return run("evaluate")
-
-
-def start_export() -> int:
-  return run("export")
-
-
-def start_batchnorm() -> int:
-  return run("batchnorm")
-
-
-def start_convert_caffe() -> int:
-  return run("convert_caffe")
+# The programs' entry points (train.py and `deconvnet-train` call start_train, and so on).
+start_train = partial(run, "train")
+start_infer = partial(run, "infer")
+start_evaluate = partial(run, "evaluate")
+start_export = partial(run, "export")
+start_batchnorm = partial(run, "batchnorm")
+start_convert_caffe = partial(run, "convert_caffe")
