@@ -57,5 +57,7 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m deconvnet_jax.cli.convert_caffe: set up as train.py does (see cli/__init__.py)
+  from deconvnet_jax.host_memory import configure_process
+  configure_process()
   sys.exit(main())

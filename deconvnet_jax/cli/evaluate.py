@@ -224,5 +224,7 @@ def write_confusion(folder: Path, totals: dict, class_names, data_name: str) -> 
     save_atomic(confusion_plot(rows, class_names, f"{name} on {data_name}"), folder / f"{stem}.png")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m deconvnet_jax.cli.evaluate: set up as train.py does (see cli/__init__.py)
+  from deconvnet_jax.host_memory import configure_process
+  configure_process()
   sys.exit(main())
