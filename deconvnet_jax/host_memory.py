@@ -49,23 +49,27 @@ MODES = ("huge_pages", "reuse", "system")
 def configure_process() -> str:
   """A program's first call: sets up glibc's malloc for XLA on the CPU and returns the mode in force.
 
-  "huge_pages" restarts the process once (`os.execv` of the same command line, with `TUNABLE` added to
-  `GLIBC_TUNABLES`) unless it is already set: call this before reading input or starting threads. Where that is
-  not possible it falls back to "reuse". "system": nothing changed (off Linux, with an accelerator plugin, or asked).
+  "huge_pages" restarts the process once (`os.execve` of the same command line, with `TUNABLE` added to
+  `GLIBC_TUNABLES`): call this before reading input or starting threads. Where that is not possible it falls back
+  to "reuse". "system": nothing changed (off Linux, with an accelerator plugin, another allocator preloaded, the
+  user's own `glibc.malloc.hugetlb` setting left as it is, or asked).
   """
   choice = os.environ.get(ENV, "").lower()
   if choice and choice not in MODES:
     raise ValueError(f"{ENV}={choice!r}: one of {', '.join(MODES)}, or unset for the default")
-  if choice == "system" or not _glibc_version() or (not choice and accelerator_plugin_installed()):
+  if (choice == "system" or not _glibc_version() or (not choice and accelerator_plugin_installed())
+      or any(name in os.environ.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc"))):
     return "system"
-  if TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":"):
-    return "huge_pages"  # this process started with it: restarted here, or set by the user
+  tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t]
+  hugetlb = [t for t in tunables if t.startswith("glibc.malloc.hugetlb=")]
+  if hugetlb:  # this process was restarted here, or the user chose
+    return "system" if hugetlb[-1].endswith("=0") else "huge_pages"
   if choice != "reuse" and huge_pages_possible() and sys.argv[0] not in ("", "-"):  # not a prompt or stdin
-    tunables = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), TUNABLE]))
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-      os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, "GLIBC_TUNABLES": tunables})
+      os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
+                {**os.environ, "GLIBC_TUNABLES": ":".join([*tunables, TUNABLE])})
     except OSError:
       pass  # could not restart: reuse instead
   return "reuse" if reuse_freed_memory() else "system"

@@ -67,11 +67,12 @@ def test_huge_pages_restart_the_same_command_once_in_the_same_process_keeping_ot
   first, second = out[0].split(" ", 2), out[1].split(" ", 2)
   assert first == second and first[2] == "['a b', 'c']", out  # the same PID and arguments, twice: one exec
   assert out[2] == f"huge_pages glibc.malloc.check=0:{host_memory.TUNABLE}"
-  # Asked for reuse, or with the tunable already set: no restart.
-  for extra in ({"DECONVNET_MALLOC": "reuse"}, {"GLIBC_TUNABLES": host_memory.TUNABLE}):
+  # Asked for reuse, with the tunable already set, or with the user's own hugetlb choice: no restart.
+  for extra, mode in [({"DECONVNET_MALLOC": "reuse"}, "reuse"), ({"GLIBC_TUNABLES": host_memory.TUNABLE}, "huge_pages"),
+                      ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "system")]:
     out = subprocess.run([sys.executable, "-c", RESTART], env={**env, **extra}, capture_output=True, text=True,
                          check=True).stdout.splitlines()
-    assert len(out) == 2 and out[1].split()[0] == ("reuse" if extra.get("DECONVNET_MALLOC") else "huge_pages"), out
+    assert len(out) == 2 and out[1].split()[0] == mode, (extra, out)
 
 
 def test_an_unknown_setting_is_a_clear_error(monkeypatch):
