@@ -19,6 +19,7 @@ from flax import nnx
 
 from deconvnet_jax.configs import ModelConfig
 from deconvnet_jax.conv import conv2d, matmul
+from deconvnet_jax.norm_relu import batch_norm_relu
 from deconvnet_jax.ops import max_pool_with_argmax, max_unpool
 
 VGG16_PLAN = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -153,9 +154,14 @@ class Block(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.layer(x)
-    if self.bn is not None:
-      x = self.bn(x)
-    return nnx.relu(x)
+    bn = self.bn
+    if bn is None or bn.use_running_average:
+      return nnx.relu(x if bn is None else bn(x))
+    # Training: flax's BatchNorm then ReLU, as one op with a written-out gradient (norm_relu.py).
+    y, mean, var = batch_norm_relu(x, bn.scale[...], bn.bias[...], bn.epsilon)
+    bn.mean[...] = bn.momentum * bn.mean[...] + (1 - bn.momentum) * jax.lax.stop_gradient(mean)
+    bn.var[...] = bn.momentum * bn.var[...] + (1 - bn.momentum) * jax.lax.stop_gradient(var)
+    return y
 
 
 def conv3x3(cin, cout, config, rngs, pad=1, kernel_init=he_normal):
