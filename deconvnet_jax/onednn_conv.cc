@@ -2,11 +2,13 @@
 //
 // Layouts are the model's: activations NHWC, kernels HWIO; oneDNN picks its own kernel layout and the
 // kernels are reordered on each call (the activations, by far the larger tensors, are used in place, but for
-// the weight gradient on CPUs without AVX-512: see HasAvx512).
+// the weight gradient on CPUs without AVX-512: see HasAvx512). Scratch memory is ours, per call (Scratchpad).
 // float32 and bfloat16; bfloat16 sums in float32 and rounds once. The weight gradient is float32.
 // Built and loaded by onednn.py.
 
 #include <cstdint>
+#include <cstdlib>
+#include <new>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -50,6 +52,32 @@ bool HasAvx512() {
   return (isa & avx512) == avx512;
 }
 
+// Whether the weight gradient is oneDNN's im2col + matmul ("gemm") implementation rather than its first choice, a
+// direct jit kernel. Without AVX-512, from 256 input channels the gemm one was faster at every VGG shape on a 2-core
+// AMD EPYC (Zen 3), batch 4, float32, reorders included: 56x56 256->256 159 ms against 207, 28x28 512->512 147 against
+// 189, 14x14 512->512 39 against 42; below 256 channels (56x56 128->256: 86 against 90; 224x224 64->64: 316 against
+// 202) the direct kernel stays. AVX-512 machines have a faster direct kernel (brgemm) and keep oneDNN's choice.
+bool PrefersGemmWeightGradient(const Geometry& g) {
+  return !HasAvx512() && g.dt == memory::data_type::f32 && g.ci >= 256;
+}
+
+// The primitives' scratch memory, passed on each call ("user" scratchpad mode). oneDNN's own ("library" mode) is
+// shared by the primitives of a thread and sized when a primitive is created, so a primitive created on one of
+// XLA's threads and run on another may overrun that thread's: with the gemm weight gradient, whose im2col buffer is
+// large, the paper's train step aborted ("munmap_chunk(): invalid pointer") or hung. One buffer per thread, grown
+// as needed: a thread runs one handler at a time.
+memory Scratchpad(const memory::desc& desc) {
+  thread_local std::unique_ptr<char, decltype(&std::free)> buffer(nullptr, &std::free);
+  thread_local size_t capacity = 0;
+  size_t size = desc.get_size();
+  if (size > capacity) {
+    capacity = (size + 4095) / 4096 * 4096;
+    buffer.reset(static_cast<char*>(std::aligned_alloc(4096, capacity)));
+    if (!buffer) throw std::bad_alloc();
+  }
+  return memory(desc, Engine(), buffer.get());
+}
+
 // The three primitives of one geometry, created on first use.
 struct Conv {
   dnnl::convolution_forward::primitive_desc fwd;
@@ -62,15 +90,29 @@ struct Conv {
   explicit Conv(const Geometry& g) {
     auto& e = Engine();
     auto any = g.kernel(g.dt, tag::any);
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);  // see Scratchpad
     fwd = dnnl::convolution_forward::primitive_desc(e, dnnl::prop_kind::forward_training,
                                                     dnnl::algorithm::convolution_direct, g.x(), any, g.y(),
-                                                    g.strides(), g.padding(), g.padding());
+                                                    g.strides(), g.padding(), g.padding(), attr);
     bwd_data = dnnl::convolution_backward_data::primitive_desc(e, dnnl::algorithm::convolution_direct, g.x(), any,
-                                                               g.y(), g.strides(), g.padding(), g.padding(), fwd);
+                                                               g.y(), g.strides(), g.padding(), g.padding(), fwd,
+                                                               attr);
     static const tag activations = HasAvx512() ? tag::nhwc : tag::any;  // any: oneDNN's layout, reordered into
-    bwd_weights = dnnl::convolution_backward_weights::primitive_desc(
-        e, dnnl::algorithm::convolution_direct, g.x(activations), g.kernel(memory::data_type::f32, tag::any),
-        g.y(activations), g.strides(), g.padding(), g.padding(), fwd);
+    auto weights_pd = [&] {
+      return dnnl::convolution_backward_weights::primitive_desc(
+          e, dnnl::algorithm::convolution_direct, g.x(activations), g.kernel(memory::data_type::f32, tag::any),
+          g.y(activations), g.strides(), g.padding(), g.padding(), fwd, attr);
+    };
+    bwd_weights = weights_pd();
+    if (PrefersGemmWeightGradient(g)) {
+      while (std::string(bwd_weights.impl_info_str()).find("gemm") == std::string::npos) {
+        if (!bwd_weights.next_impl()) {  // no gemm implementation in this build: oneDNN's first choice
+          bwd_weights = weights_pd();
+          break;
+        }
+      }
+    }
     fwd_p = dnnl::convolution_forward(fwd);
     bwd_data_p = dnnl::convolution_backward_data(bwd_data);
     bwd_weights_p = dnnl::convolution_backward_weights(bwd_weights);
@@ -130,9 +172,11 @@ ffi::Error WithKernel(bool backward, ffi::AnyBuffer in, ffi::AnyBuffer kernel, f
     memory km(g.kernel(g.dt, tag::hwio), e, kernel.untyped_data()), scratch;
     memory kw = AsLayout(km, backward ? c.bwd_data.weights_desc() : c.fwd.weights_desc(), scratch, s);
     if (backward) {
-      c.bwd_data_p.execute(s, {{DNNL_ARG_DIFF_DST, b}, {DNNL_ARG_WEIGHTS, kw}, {DNNL_ARG_DIFF_SRC, a}});
+      c.bwd_data_p.execute(s, {{DNNL_ARG_DIFF_DST, b}, {DNNL_ARG_WEIGHTS, kw}, {DNNL_ARG_DIFF_SRC, a},
+                               {DNNL_ARG_SCRATCHPAD, Scratchpad(c.bwd_data.scratchpad_desc())}});
     } else {
-      c.fwd_p.execute(s, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, kw}, {DNNL_ARG_DST, b}});
+      c.fwd_p.execute(s, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, kw}, {DNNL_ARG_DST, b},
+                          {DNNL_ARG_SCRATCHPAD, Scratchpad(c.fwd.scratchpad_desc())}});
     }
     s.wait();
   });
@@ -167,7 +211,8 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi:
     memory x_scratch, dy_scratch;
     memory xw = AsLayout(xm, c.bwd_weights.src_desc(), x_scratch, s);
     memory dyw = AsLayout(dym, c.bwd_weights.diff_dst_desc(), dy_scratch, s);
-    c.bwd_weights_p.execute(s, {{DNNL_ARG_SRC, xw}, {DNNL_ARG_DIFF_DST, dyw}, {DNNL_ARG_DIFF_WEIGHTS, dk}});
+    c.bwd_weights_p.execute(s, {{DNNL_ARG_SRC, xw}, {DNNL_ARG_DIFF_DST, dyw}, {DNNL_ARG_DIFF_WEIGHTS, dk},
+                                {DNNL_ARG_SCRATCHPAD, Scratchpad(c.bwd_weights.scratchpad_desc())}});
     if (!direct) dnnl::reorder(dk, out).execute(s, dk, out);
     s.wait();
   });

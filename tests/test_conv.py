@@ -72,7 +72,8 @@ def reference(x, kernel, g, pad):
 
 @pytest.mark.parametrize("cout", [6, MATMUL_MIN_CHANNELS])  # XLA's weight gradient, then the matmuls
 @pytest.mark.parametrize("k, pad, shape", [(3, 1, (2, 9, 7, 5)), (1, 0, (2, 6, 5, 4)), (3, 0, (1, 8, 8, 3)),
-                                           (7, 0, (2, 7, 9, 4)), (3, 2, (2, 5, 6, 3))])
+                                           (7, 0, (2, 7, 9, 4)), (3, 2, (2, 5, 6, 3)),
+                                           (3, 1, (2, 5, 6, 256))])  # 256 in: oneDNN's gemm weight gradient on AVX2
 def test_forward_and_gradients_match_float64_loops(k, pad, shape, cout, backend):
   rng = np.random.default_rng(k + pad)
   x = rng.normal(size=shape).astype(np.float32)
