@@ -61,11 +61,12 @@ bool PrefersGemmWeightGradient(const Geometry& g) {
   return !HasAvx512() && g.dt == memory::data_type::f32 && g.ci >= 256;
 }
 
-// The primitives' scratch memory, passed on each call ("user" scratchpad mode). oneDNN's own ("library" mode) is
-// shared by the primitives of a thread and sized when a primitive is created, so a primitive created on one of
-// XLA's threads and run on another may overrun that thread's: with the gemm weight gradient, whose im2col buffer is
-// large, the paper's train step aborted ("munmap_chunk(): invalid pointer") or hung. One buffer per thread, grown
-// as needed: a thread runs one handler at a time.
+// The primitives' scratch memory, passed on each call ("user" scratchpad mode). oneDNN's own ("library" mode, in
+// its default build) is common to all primitives, and its documentation allows a primitive to run only on the
+// thread that created it; XLA runs a handler on whichever of its threads. With the gemm weight gradient, whose
+// im2col buffer is large, the paper's train step aborted ("munmap_chunk(): invalid pointer") or hung. User mode is
+// thread-safe while no two executions share a buffer: one buffer per thread, grown as needed (a thread runs one
+// handler at a time).
 memory Scratchpad(const memory::desc& desc) {
   thread_local std::unique_ptr<char, decltype(&std::free)> buffer(nullptr, &std::free);
   thread_local size_t capacity = 0;
