@@ -72,7 +72,7 @@ def configure_process() -> str:
                 {**os.environ, "GLIBC_TUNABLES": ":".join([*tunables, TUNABLE])})
     except OSError:
       pass  # could not restart: reuse instead
-  return "reuse" if reuse_freed_memory() else "system"
+  return "reuse" if _keep_freed_memory() else "system"
 
 
 def huge_pages_possible() -> bool:
@@ -111,6 +111,11 @@ def reuse_freed_memory() -> bool:
     return False
   if choice != "reuse" and accelerator_plugin_installed():
     return False
+  return _keep_freed_memory()
+
+
+def _keep_freed_memory() -> bool:
+  """glibc's `mallopt` with SETTINGS, whatever DECONVNET_MALLOC says (the callers have decided); True if it took."""
   libc = ctypes.CDLL(None)
   libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
   return all(libc.mallopt(param, value) == 1 for param, value in SETTINGS)

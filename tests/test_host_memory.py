@@ -89,14 +89,18 @@ def test_an_installed_accelerator_plugin_leaves_glibc_alone_unless_asked(tmp_pat
   base = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "GLIBC_TUNABLES")}
   base["PYTHONPATH"] = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
 
-  def run(**env):
-    return subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+  def run(program=code, **env):
+    return subprocess.run([sys.executable, "-c", program], env={**base, **env}, capture_output=True, text=True,
                           check=True).stdout.strip()
   assert run(DECONVNET_MALLOC="") == "system"  # a (stand-in) CUDA plugin: the host feeds a GPU
   assert run(DECONVNET_MALLOC="reuse") == "reuse"
   default = "huge_pages" if host_memory.huge_pages_possible() else "reuse"
   assert run(DECONVNET_MALLOC="", JAX_PLATFORMS="cpu") == default
   assert run(DECONVNET_MALLOC="system", JAX_PLATFORMS="cpu") == "system"
+  # Huge pages asked for where they are not possible: the fallback is reuse, plugin or not.
+  no_huge_pages = ("from deconvnet_jax import host_memory; host_memory.huge_pages_possible = lambda: False; "
+                   "print(host_memory.configure_process())")
+  assert run(no_huge_pages, DECONVNET_MALLOC="huge_pages") == "reuse"
 
 
 def test_the_programs_set_it_up_before_jax_is_imported():
