@@ -2,10 +2,12 @@
 
 `run` sets up glibc's malloc for XLA's CPU backend first (`host_memory.configure_process`, which may restart the
 process once, before JAX is imported), then calls the program's `main`. The `start_*` functions are what the
-top-level scripts and the installed commands call. Tests call `main(argv)` in-process.
+top-level scripts and the installed commands call; `python -m deconvnet_jax.cli.<program>` goes through
+`run_as_main`. Tests call `main(argv)` in-process.
 """
 
 import importlib
+import sys
 from functools import partial
 
 from deconvnet_jax.host_memory import configure_process
@@ -15,6 +17,12 @@ def run(program: str) -> int:
   """`deconvnet_jax.cli.<program>.main()` in a process set up for it."""
   configure_process()
   return importlib.import_module(f"deconvnet_jax.cli.{program}").main()
+
+
+def run_as_main(main) -> None:
+  """`python -m deconvnet_jax.cli.<program>`: `run`'s set-up, then `main` of the module already running as __main__."""
+  configure_process()
+  sys.exit(main())
 
 
 # The programs' entry points (train.py and `deconvnet-train` call start_train, and so on).

@@ -103,7 +103,6 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == "__main__":  # python -m deconvnet_jax.cli.batchnorm: set up as train.py does (see cli/__init__.py)
-  from deconvnet_jax.host_memory import configure_process
-  configure_process()
-  sys.exit(main())
+if __name__ == "__main__":  # python -m deconvnet_jax.cli.batchnorm
+  from deconvnet_jax.cli import run_as_main
+  run_as_main(main)

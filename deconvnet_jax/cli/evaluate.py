@@ -224,7 +224,6 @@ def write_confusion(folder: Path, totals: dict, class_names, data_name: str) -> 
     save_atomic(confusion_plot(rows, class_names, f"{name} on {data_name}"), folder / f"{stem}.png")
 
 
-if __name__ == "__main__":  # python -m deconvnet_jax.cli.evaluate: set up as train.py does (see cli/__init__.py)
-  from deconvnet_jax.host_memory import configure_process
-  configure_process()
-  sys.exit(main())
+if __name__ == "__main__":  # python -m deconvnet_jax.cli.evaluate
+  from deconvnet_jax.cli import run_as_main
+  run_as_main(main)

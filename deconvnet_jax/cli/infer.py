@@ -252,7 +252,6 @@ def segment_all(args, inputs, segmenter, config, box_source, meta) -> int:
   return 1 if failed else 0
 
 
-if __name__ == "__main__":  # python -m deconvnet_jax.cli.infer: set up as train.py does (see cli/__init__.py)
-  from deconvnet_jax.host_memory import configure_process
-  configure_process()
-  sys.exit(main())
+if __name__ == "__main__":  # python -m deconvnet_jax.cli.infer
+  from deconvnet_jax.cli import run_as_main
+  run_as_main(main)

@@ -145,7 +145,6 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == "__main__":  # python -m deconvnet_jax.cli.train: set up as train.py does (see cli/__init__.py)
-  from deconvnet_jax.host_memory import configure_process
-  configure_process()
-  sys.exit(main())
+if __name__ == "__main__":  # python -m deconvnet_jax.cli.train
+  from deconvnet_jax.cli import run_as_main
+  run_as_main(main)
