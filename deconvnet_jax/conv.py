@@ -106,6 +106,54 @@ def _backward(pad, residuals, g):
 conv2d.defvjp(_forward, _backward)
 
 
+def conv_transpose2d(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
+  """Transposed convolution, stride 1: [B, H, W, Ci] with kernel [Ci, Co, k, k] (PyTorch's ConvTranspose2d
+  weight), cropped by `pad` each side -> [B, H+k-1-2p, W+k-1-2p, Co].
+
+  On oneDNN it is the input gradient of the convolution whose OIHW kernel that is, with no flipped copy of the
+  kernel (the decoder's 13 flips took 69 of the paper forward's 2,500 ms, batch 4); elsewhere a `conv2d` of
+  the flipped kernel.
+  """
+  if onednn.usable(pad, kernel, x, layout="OIHW"):
+    return _onednn_transpose(x, kernel, pad)
+  return _flipped_conv(x, kernel, pad)
+
+
+def _flipped_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
+  """conv_transpose2d as a convolution padded by k - 1 - pad with the flipped kernel as HWIO."""
+  k = kernel.shape[2]
+  return conv2d(x, kernel[:, :, ::-1, ::-1].transpose(2, 3, 0, 1), k - 1 - pad)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _onednn_transpose(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
+  (b, h, w, _), (_, co, k, _) = x.shape, kernel.shape
+  shape = (b, h + k - 1 - 2 * pad, w + k - 1 - 2 * pad, co)
+  return jax.lax.platform_dependent(
+      x, kernel, cpu=lambda x, kernel: onednn.input_gradient(x, kernel, pad, shape, layout="OIHW"),
+      default=partial(_flipped_conv, pad=pad))
+
+
+def _transpose_forward(x, kernel, pad):
+  return _onednn_transpose(x, kernel, pad), (x, kernel)
+
+
+def _transpose_backward(pad, residuals, g):
+  # The transposed convolution's gradients are the convolution's forward (dx) and its weight gradient with the
+  # roles of input and output swapped (dkernel).
+  x, kernel = residuals
+  xla = lambda x, kernel, g: jax.vjp(lambda x, kernel: _flipped_conv(x, kernel, pad), x, kernel)[1](g)
+  if not onednn.usable(pad, kernel, x, g, layout="OIHW"):
+    return xla(x, kernel, g)
+  dx = jax.lax.platform_dependent(g, kernel, cpu=lambda g, kernel: onednn.conv(g, kernel, pad, layout="OIHW"),
+                                  default=lambda g, kernel: xla(x, kernel, g)[0])
+  dw = lambda x, g: onednn.weight_gradient(g, x, kernel.shape, pad, layout="OIHW").astype(kernel.dtype)
+  return dx, jax.lax.platform_dependent(x, g, cpu=dw, default=lambda x, g: xla(x, kernel, g)[1])
+
+
+_onednn_transpose.defvjp(_transpose_forward, _transpose_backward)
+
+
 def uses_matmuls(kernel_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> bool:
   """Whether the CPU weight gradient is `weight_gradient`'s: enough FLOPs, and enough output channels or a 1x1
   kernel (one matmul, no views to slice)."""

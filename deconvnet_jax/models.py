@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from deconvnet_jax.configs import ModelConfig
-from deconvnet_jax.conv import conv2d, matmul
+from deconvnet_jax.conv import conv2d, conv_transpose2d, matmul
 from deconvnet_jax.norm_relu import batch_norm_relu
 from deconvnet_jax.ops import max_pool_with_argmax, max_unpool
 
@@ -128,8 +128,7 @@ class Deconv(nnx.Module):
       y = matmul(x.reshape(-1, cin), kernel.reshape(cin, cout * k * k)).reshape(-1, cout, k, k)
       y = y.transpose(0, 2, 3, 1)
     elif self.stride == 1:
-      # Stride 1: a plain conv, padded by k - 1 - pad, with the flipped kernel as HWIO.
-      y = conv2d(x, kernel[:, :, ::-1, ::-1].transpose(2, 3, 0, 1), k - 1 - self.pad)
+      y = conv_transpose2d(x, kernel, self.pad)
     else:
       # A transposed conv is a conv of the stride-dilated input, padded by
       # k - 1 - pad, with the spatially flipped kernel.

@@ -41,6 +41,7 @@ MIN_FLOPS = 1e8
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 _TARGETS = ("Forward", "BackwardData", "BackwardWeights")
 _PREFIX = "deconvnet_onednn_conv_"
+LAYOUTS = ("HWIO", "OIHW")  # kernel layouts, in onednn_conv.cc's numbering
 _portable = threading.local()
 
 
@@ -55,16 +56,17 @@ def portable():
     _portable.on = before
 
 
-def usable(pad: int, kernel, *arrays) -> bool:
+def usable(pad: int, kernel, *arrays, layout: str = "HWIO") -> bool:
   """Whether a convolution of these operands runs on oneDNN: built and loaded, one CPU device, not
   `portable`, float32 operands or bfloat16 ones on a CPU with bf16 units, a square k x k kernel (what
   onednn_conv.cc handles) with at most k - 1 zeros of padding a side, and at least MIN_FLOPS of work."""
+  kh, kw = kernel.shape[:2] if layout == "HWIO" else kernel.shape[2:]
   dtypes = {jnp.dtype(a.dtype) for a in (kernel, *arrays)}
   # Without bf16 units oneDNN emulates bfloat16 or falls back to reference kernels (not measured).
   supported = {jnp.dtype(jnp.float32)} | ({jnp.dtype(jnp.bfloat16)} if cpu_has_bf16() else set())
   flops = 2 * np.prod(arrays[0].shape[:3]) * np.prod(kernel.shape)  # about 2 * B*H*W * k*k*Ci*Co
   return (not getattr(_portable, "on", False) and len(dtypes) == 1 and dtypes <= supported and
-          kernel.shape[0] == kernel.shape[1] > pad and flops >= MIN_FLOPS and _single_cpu() and loaded())
+          kh == kw > pad and flops >= MIN_FLOPS and _single_cpu() and loaded())
 
 
 @cache
@@ -132,21 +134,25 @@ def _build(lib_dir: Path, include_dir: Path) -> Path:
   return target
 
 
-def _call(name: str, shape, dtype, *args, pad: int) -> jax.Array:
-  return jax.ffi.ffi_call(_PREFIX + name, jax.ShapeDtypeStruct(shape, dtype))(*args, pad=np.int64(pad))
+def _call(name: str, shape, dtype, *args, pad: int, layout: str) -> jax.Array:
+  return jax.ffi.ffi_call(_PREFIX + name, jax.ShapeDtypeStruct(shape, dtype))(
+      *args, pad=np.int64(pad), kernel_layout=np.int64(LAYOUTS.index(layout)))
 
 
-def conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
-  """[B, H, W, Ci] (*) [k, k, Ci, Co], stride 1, `pad` zeros each side -> [B, H', W', Co] in x.dtype."""
-  (b, h, w, _), (kh, kw, _, co) = x.shape, kernel.shape
-  return _call("Forward", (b, h + 2 * pad - kh + 1, w + 2 * pad - kw + 1, co), x.dtype, x, kernel, pad=pad)
+def conv(x: jax.Array, kernel: jax.Array, pad: int, layout: str = "HWIO") -> jax.Array:
+  """[B, H, W, Ci] (*) kernel ([k, k, Ci, Co] HWIO or [Co, Ci, k, k] OIHW), stride 1, `pad` zeros each side
+  -> [B, H', W', Co] in x.dtype."""
+  (b, h, w, _), s = x.shape, kernel.shape
+  k, co = (s[0], s[3]) if layout == "HWIO" else (s[2], s[0])
+  return _call("Forward", (b, h + 2 * pad - k + 1, w + 2 * pad - k + 1, co), x.dtype, x, kernel, pad=pad,
+               layout=layout)
 
 
-def input_gradient(g: jax.Array, kernel: jax.Array, pad: int, x_shape) -> jax.Array:
+def input_gradient(g: jax.Array, kernel: jax.Array, pad: int, x_shape, layout: str = "HWIO") -> jax.Array:
   """d(sum(conv(x, kernel, pad) * g)) / dx: [B, H, W, Ci] in g.dtype."""
-  return _call("BackwardData", tuple(x_shape), g.dtype, g, kernel, pad=pad)
+  return _call("BackwardData", tuple(x_shape), g.dtype, g, kernel, pad=pad, layout=layout)
 
 
-def weight_gradient(x: jax.Array, g: jax.Array, kernel_shape, pad: int) -> jax.Array:
-  """d(sum(conv(x, kernel, pad) * g)) / dkernel: [k, k, Ci, Co] float32."""
-  return _call("BackwardWeights", tuple(kernel_shape), jnp.float32, x, g, pad=pad)
+def weight_gradient(x: jax.Array, g: jax.Array, kernel_shape, pad: int, layout: str = "HWIO") -> jax.Array:
+  """d(sum(conv(x, kernel, pad) * g)) / dkernel: kernel_shape (in `layout`), float32."""
+  return _call("BackwardWeights", tuple(kernel_shape), jnp.float32, x, g, pad=pad, layout=layout)

@@ -1,7 +1,8 @@
 // oneDNN's stride-1 2-D convolution, its input gradient and its weight gradient as XLA FFI handlers.
 //
-// Layouts are the model's: activations NHWC, kernels HWIO; oneDNN picks its own kernel layout and the
-// kernels are reordered on each call (the activations, by far the larger tensors, are used in place, but for
+// Layouts are the model's: activations NHWC, kernels HWIO, or OIHW for the decoder's transposed convolutions
+// (PyTorch's ConvTranspose2d weight, run as this convolution's input gradient: KernelTag); oneDNN picks its own
+// kernel layout and the kernels are reordered on each call (the activations, by far the larger tensors, are used in place, but for
 // the weight gradient on CPUs without AVX-512: see HasAvx512). Scratch memory is ours, per call (Scratchpad).
 // float32 and bfloat16; bfloat16 sums in float32 and rounds once. The weight gradient is float32.
 // Built and loaded by onednn.py.
@@ -42,6 +43,16 @@ struct Geometry {
   memory::dims strides() const { return {1, 1}; }
   memory::dims padding() const { return {pad, pad}; }
 };
+
+// The caller's kernel layout (the `kernel_layout` attribute): 0, HWIO [k, k, ci, co] (flax's); 1, OIHW [co, ci, k, k]
+// (PyTorch's ConvTranspose2d weight [in, out, k, k] is the OIHW kernel of the convolution it transposes).
+tag KernelTag(int64_t layout) { return layout ? tag::oihw : tag::hwio; }
+
+// The geometry of x [n, h, w, ci] and a kernel of dimensions `kd` in `layout`.
+template <typename Dims>
+Geometry MakeGeometry(const Dims& xd, const Dims& kd, int64_t layout, int64_t pad, memory::data_type dt) {
+  return Geometry{xd[0], xd[1], xd[2], xd[3], layout ? kd[2] : kd[0], layout ? kd[0] : kd[3], pad, dt};
+}
 
 // Whether oneDNN runs AVX-512 code here. Without it (AVX2) its weight gradient on NHWC activations is slow, 1.2-2x
 // XLA's own: on a 2-core AMD EPYC (Zen 3), batch 4, conv1_2 833 ms, conv3_2 354. On oneDNN's blocked layout it took
@@ -157,20 +168,19 @@ ffi::Error Guarded(F body) {
 }
 
 // Runs the forward (`backward` false: a = x, b = y) or the input gradient (true: a = dx, b = dy) of the
-// convolution of `kernel` [k, k, ci, co], with x-shaped `a` and y-shaped `b` [n, ho, wo, co].
+// convolution of `kernel` (in `layout`), with x-shaped `a` and y-shaped `b` [n, ho, wo, co].
 ffi::Error WithKernel(bool backward, ffi::AnyBuffer in, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> out,
-                      int64_t pad) {
+                      int64_t pad, int64_t layout) {
   auto dt = DataType(in.element_type());
   if (dt == memory::data_type::undef) return kBadType;
-  auto xd = backward ? out->dimensions() : in.dimensions(), kd = kernel.dimensions();
-  Geometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[3], pad, dt};
+  auto g = MakeGeometry(backward ? out->dimensions() : in.dimensions(), kernel.dimensions(), layout, pad, dt);
   return Guarded([&] {
     const Conv& c = Get(g);
     auto& e = Engine();
     dnnl::stream s(e);
     memory a(g.x(), e, backward ? out->untyped_data() : in.untyped_data());
     memory b(g.y(), e, backward ? in.untyped_data() : out->untyped_data());
-    memory km(g.kernel(g.dt, tag::hwio), e, kernel.untyped_data()), scratch;
+    memory km(g.kernel(g.dt, KernelTag(layout)), e, kernel.untyped_data()), scratch;
     memory kw = AsLayout(km, backward ? c.bwd_data.weights_desc() : c.fwd.weights_desc(), scratch, s);
     if (backward) {
       c.bwd_data_p.execute(s, {{DNNL_ARG_DIFF_DST, b}, {DNNL_ARG_WEIGHTS, kw}, {DNNL_ARG_DIFF_SRC, a},
@@ -183,29 +193,31 @@ ffi::Error WithKernel(bool backward, ffi::AnyBuffer in, ffi::AnyBuffer kernel, f
   });
 }
 
-// y [n, ho, wo, co] = x [n, h, w, ci] (*) kernel [k, k, ci, co].
-ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> y, int64_t pad) {
-  return WithKernel(false, x, kernel, y, pad);
+// y [n, ho, wo, co] = x [n, h, w, ci] (*) kernel ([k, k, ci, co] or [co, ci, k, k]).
+ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> y, int64_t pad,
+                   int64_t layout) {
+  return WithKernel(false, x, kernel, y, pad, layout);
 }
 
-// dx [n, h, w, ci] from dy [n, ho, wo, co] and kernel [k, k, ci, co].
-ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> dx, int64_t pad) {
-  return WithKernel(true, dy, kernel, dx, pad);
+// dx [n, h, w, ci] from dy [n, ho, wo, co] and the kernel.
+ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> dx, int64_t pad,
+                        int64_t layout) {
+  return WithKernel(true, dy, kernel, dx, pad, layout);
 }
 
-// dkernel [k, k, ci, co] float32 from x [n, h, w, ci] and dy [n, ho, wo, co].
-ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dkernel, int64_t pad) {
+// dkernel float32, in `layout`, from x [n, h, w, ci] and dy [n, ho, wo, co].
+ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dkernel, int64_t pad,
+                           int64_t layout) {
   auto dt = DataType(x.element_type());
   if (dt == memory::data_type::undef) return kBadType;
   if (dkernel->element_type() != ffi::DataType::F32) return ffi::Error::InvalidArgument("dkernel: float32");
-  auto xd = x.dimensions(), kd = dkernel->dimensions();
-  Geometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[3], pad, dt};
+  auto g = MakeGeometry(x.dimensions(), dkernel->dimensions(), layout, pad, dt);
   return Guarded([&] {
     const Conv& c = Get(g);
     auto& e = Engine();
     dnnl::stream s(e);
     memory xm(g.x(), e, x.untyped_data()), dym(g.y(), e, dy.untyped_data());
-    memory out(g.kernel(memory::data_type::f32, tag::hwio), e, dkernel->untyped_data());
+    memory out(g.kernel(memory::data_type::f32, KernelTag(layout)), e, dkernel->untyped_data());
     auto want = c.bwd_weights.diff_weights_desc();
     bool direct = want == out.get_desc();
     memory dk = direct ? out : memory(want, e);
@@ -223,10 +235,10 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi:
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DeconvnetOnednnConvForward, Forward,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("pad"));
+                                  .Attr<int64_t>("pad").Attr<int64_t>("kernel_layout"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DeconvnetOnednnConvBackwardData, BackwardData,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("pad"));
+                                  .Attr<int64_t>("pad").Attr<int64_t>("kernel_layout"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DeconvnetOnednnConvBackwardWeights, BackwardWeights,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("pad"));
+                                  .Attr<int64_t>("pad").Attr<int64_t>("kernel_layout"));

@@ -1,5 +1,5 @@
-"""conv2d on each of its CPU paths (XLA's with our weight gradient, bfloat16 tap matmuls, oneDNN's): against a
-float64 NumPy reference and XLA's own gradient."""
+"""conv2d and conv_transpose2d on each of their CPU paths (XLA's with our weight gradient, bfloat16 tap matmuls,
+oneDNN's): against a float64 NumPy reference and XLA's own gradient."""
 
 import importlib.metadata
 
@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from deconvnet_jax import conv, onednn
-from deconvnet_jax.conv import MATMUL_MIN_CHANNELS, conv2d, matmul, weight_gradient
+from deconvnet_jax.conv import MATMUL_MIN_CHANNELS, conv2d, conv_transpose2d, matmul, weight_gradient
 
 
 @pytest.fixture
 def xla_paths(monkeypatch):
   """conv2d as without the oneDNN extra: XLA's convolutions and our matmul forms."""
-  monkeypatch.setattr(onednn, "usable", lambda *args: False)
+  monkeypatch.setattr(onednn, "usable", lambda *args, **kwargs: False)
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def use_onednn(monkeypatch):
 def backend(request, monkeypatch):
   """Each CPU path in turn: XLA's convolutions with our matmul weight gradient, then oneDNN's."""
   if request.param == "xla":
-    monkeypatch.setattr(onednn, "usable", lambda *args: False)
+    monkeypatch.setattr(onednn, "usable", lambda *args, **kwargs: False)
     monkeypatch.setattr(conv, "MATMUL_MIN_FLOPS", 0)
   else:
     use_onednn(monkeypatch)
@@ -91,6 +91,46 @@ def test_forward_and_gradients_match_float64_loops(k, pad, shape, cout, backend)
   xla_dx, xla_dw = jax.vjp(lambda x, w: xla_conv(x, w, pad), x, kernel)[1](g)
   np.testing.assert_allclose(dw, xla_dw, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(dx, xla_dx, rtol=1e-5, atol=1e-5)
+
+
+def transpose_reference(x, kernel, g, pad):
+  """(y, dx, dW) of a stride-1 transposed convolution with kernel [Ci, Co, k, k] (PyTorch's ConvTranspose2d:
+  each input pixel scatters x @ kernel[:, :, i, j] to output pixel (h + i, w + j), then `pad` cropped each
+  side), float64 NumPy over kernel taps."""
+  x, kernel, g = (np.asarray(a, np.float64) for a in (x, kernel, g))
+  b, h, w, _ = x.shape
+  k = kernel.shape[2]
+  full = np.zeros((b, h + k - 1, w + k - 1, kernel.shape[1]))
+  g_full = np.pad(g, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  dx, dw = np.zeros_like(x), np.zeros_like(kernel)
+  for i in range(k):
+    for j in range(k):
+      full[:, i:i + h, j:j + w] += x @ kernel[:, :, i, j]
+      dx += g_full[:, i:i + h, j:j + w] @ kernel[:, :, i, j].T
+      dw[:, :, i, j] = np.einsum("bhwc,bhwd->cd", x, g_full[:, i:i + h, j:j + w])
+  return full[:, pad:full.shape[1] - pad, pad:full.shape[2] - pad], dx, dw
+
+
+@pytest.mark.parametrize("k, pad, shape, cout", [(3, 1, (2, 9, 7, 5), 6), (3, 0, (1, 6, 8, 3), 32),
+                                                 (1, 0, (2, 5, 4, 4), 7), (5, 2, (2, 6, 5, 3), 4)])
+def test_transposed_forward_and_gradients_match_float64_loops(k, pad, shape, cout, backend):
+  rng = np.random.default_rng(k + 3 * pad)
+  x = rng.normal(size=shape).astype(np.float32)
+  kernel = rng.normal(size=(shape[3], cout, k, k)).astype(np.float32)
+  y, vjp = jax.vjp(lambda x, w: conv_transpose2d(x, w, pad), x, kernel)
+  g = rng.normal(size=y.shape).astype(np.float32)
+  dx, dw = vjp(g)
+  want_y, want_dx, want_dw = transpose_reference(x, kernel, g, pad)
+  assert y.shape == want_y.shape == (shape[0], shape[1] + k - 1 - 2 * pad, shape[2] + k - 1 - 2 * pad, cout)
+  assert dx.shape == x.shape and dw.shape == kernel.shape and y.dtype == dx.dtype == dw.dtype == jnp.float32
+  np.testing.assert_allclose(y, want_y, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dw, want_dw, rtol=1e-4, atol=1e-4)
+  if backend == "onednn":  # the three custom calls on the kernel as it is: no XLA convolution, no flipped copy
+    grad = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(conv_transpose2d(x, w, pad) * g), (0, 1)))
+    hlo = grad.lower(x, kernel).compile().as_text()  # the CPU's branches, optimized
+    assert " convolution(" not in hlo and " reverse(" not in hlo
+    assert all(f"deconvnet_onednn_conv_{t}" in hlo for t in onednn._TARGETS)
 
 
 def test_second_use_inside_jit_grad_and_bfloat16_within_a_bound(backend):
