@@ -3,8 +3,8 @@
 // Layouts are the model's: activations NHWC, kernels HWIO, or OIHW for the decoder's transposed convolutions
 // (PyTorch's ConvTranspose2d weight, run as this convolution's input gradient: KernelTag); oneDNN picks its own
 // kernel layout and the kernels are reordered on each call (the activations, by far the larger tensors, are used
-// in place, but for the weight gradient on CPUs without AVX-512: see HasAvx512). Scratch memory is ours, per call (Scratchpad).
-// float32 and bfloat16; bfloat16 sums in float32 and rounds once. The weight gradient is float32.
+// in place, but for the weight gradient on CPUs without AVX-512: see HasAvx512). Scratch memory is ours, per call
+// (Scratchpad). float32 and bfloat16; bfloat16 sums in float32 and rounds once. The weight gradient is float32.
 // Built and loaded by onednn.py.
 
 #include <cstdint>
