@@ -4,7 +4,10 @@
   python bench.py --batch 2 --repeats 3
 
 Every figure in one run, so ratios compare like with like on a shared machine.
-Times are medians over --repeats runs after a compile-and-warm-up run.
+Times are medians over --repeats runs after a compile-and-warm-up run. Each
+round of the network timings runs each dtype (and PyTorch, when installed) in
+a process of its own, as a user's training run would: in one process, the
+float32 train step ran 10% slower beside the bfloat16 model's buffers.
 """
 
 import argparse
@@ -107,10 +110,14 @@ def main():
                       help="skip our bfloat16 rows (run where the CPU has bf16 units: avx512_bf16 or amx_bf16)")
   parser.add_argument("--no-inference", dest="inference", action="store_false",
                       help="skip the instance-wise inference timing")
+  parser.add_argument("--round", choices=("float32", "bfloat16"), help=argparse.SUPPRESS)  # see timing_round
   args = parser.parse_args()
 
   config = model_config(args.config)
   b, size = args.batch, args.size
+  if args.round:  # a process of timing_round's: its times as JSON, nothing else
+    print(json.dumps(Runner(dataclasses.replace(config, dtype=args.round), args).time()))
+    return
   convs = "oneDNN's (onednn extra)" if onednn.loaded() else "XLA's"
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; "
         f"config {args.config}, {size}x{size}, batch {b}, median of {args.repeats}; CPU convolutions: {convs}; "
@@ -129,15 +136,8 @@ def main():
     ratio = pools[f"max_unpool scatter {d}"] / pools[f"max_unpool select {d}"]
     print(f"| unpool {d}: scatter / select | {ratio:.2f}x |")
 
-  tx = make_optimizer(OptimConfig())
-  mesh = make_mesh()
-  rng = np.random.default_rng(0)
-  batch = {"image": jnp.asarray(rng.normal(size=(b, size, size, 3)), jnp.float32),
-           "label": jnp.asarray(rng.integers(0, config.num_classes, (b, size, size)), jnp.int32)}
   dtypes = ["float32"] + ["bfloat16"] * (args.bf16 and onednn.cpu_has_bf16())
-  runners = {dtype: Runner(dataclasses.replace(config, dtype=dtype), tx, mesh, batch, args.repeats) for dtype in dtypes}
-  ours = lambda: {dtype: runner.time() for dtype, runner in runners.items()}
-  graphdef, holder = runners["float32"].graphdef, runners["float32"].holder
+  ours = lambda: {dtype: timing_round(args, dtype) for dtype in dtypes}
 
   rounds = [ours()]
   t_step = rounds[0]["float32"]["train step"]
@@ -158,20 +158,33 @@ def main():
   if args.torch_rounds:
     torch_table(args.config, b, size, args.repeats, args.torch_rounds, rounds, ours)
   if args.accumulate > 1:
-    accumulation_table(graphdef, tx, mesh, holder, batch, t_step, args.accumulate, args.repeats)
+    accumulation_table(Runner(config, args), t_step, args.accumulate)
   if args.inference:
-    for dtype, runner in runners.items():
-      inference_table(runner.model(), dtype, args.repeats)
+    for dtype in dtypes:  # one model at a time in this process
+      inference_table(Runner(dataclasses.replace(config, dtype=dtype), args).model(), dtype, args.repeats)
+
+
+def timing_round(args, dtype: str) -> dict[str, float]:
+  """Runner(...).time() for our model in `dtype`, in a process of its own (this script with --round)."""
+  command = [sys.executable, __file__, "--round", dtype, "--config", args.config, "--batch", str(args.batch),
+             "--size", str(args.size), "--repeats", str(args.repeats)]
+  return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
 
 
 class Runner:
-  """Our forward and train step for one model configuration, timed on one batch."""
+  """Our forward and train step for one model configuration, timed on one batch of random data."""
 
-  def __init__(self, config: ModelConfig, tx, mesh, batch: dict, repeats: int):
-    self.graphdef, state = init_train_state(build_model(config), tx)
-    self.holder = [replicate(state, mesh)]
-    self.forward, self.step = jit_eval_logits(self.graphdef, mesh), jit_train_step(self.graphdef, tx, mesh)
-    self.batch, self.repeats = batch, repeats
+  def __init__(self, config: ModelConfig, args):
+    b, size = args.batch, args.size
+    rng = np.random.default_rng(0)
+    self.batch = {"image": jnp.asarray(rng.normal(size=(b, size, size, 3)), jnp.float32),
+                  "label": jnp.asarray(rng.integers(0, config.num_classes, (b, size, size)), jnp.int32)}
+    self.tx, self.mesh = make_optimizer(OptimConfig()), make_mesh()
+    self.graphdef, state = init_train_state(build_model(config), self.tx)
+    self.holder = [replicate(state, self.mesh)]
+    self.forward = jit_eval_logits(self.graphdef, self.mesh)
+    self.step = jit_train_step(self.graphdef, self.tx, self.mesh)
+    self.repeats = args.repeats
 
   def one_step(self, batch):
     self.holder[0], metrics = self.step(self.holder[0], batch)
@@ -190,8 +203,8 @@ class Runner:
 def torch_table(config_name: str, b: int, size: int, repeats: int, n: int, rounds: list, ours):
   """The same network in PyTorch eager, float32 and bf16 autocast, in rounds alternating with ours.
 
-  Each PyTorch timing is a process of its own (`bench_torch.py`): sharing this one, its tensors would stay in the
-  heap (with host_memory's reuse setting, measured: our next round ran 40% slower for it).
+  Each PyTorch timing is a process of its own (`bench_torch.py`), as each of ours is (`timing_round`): sharing one,
+  its tensors would stay in the heap (with host_memory's reuse setting, measured: our next round ran 40% slower).
   """
   if importlib.util.find_spec("torch") is None:  # not imported here: bench_torch.py's processes run it
     print("\n(torch not installed: no PyTorch rows; pip install torch==2.13.0 for the CPU build)")
@@ -232,17 +245,17 @@ def torch_table(config_name: str, b: int, size: int, repeats: int, n: int, round
     print(row + " |")
 
 
-def accumulation_table(graphdef, tx, mesh, holder, batch, t_step, k, repeats):
-  """An update over K micro-batches of B in one jitted scan, against K plain steps of B."""
-  step = jit_train_step(graphdef, tx, mesh, micro_batches=k)
-  big = {name: jnp.concatenate([x] * k) for name, x in batch.items()}
+def accumulation_table(runner: Runner, t_step: float, k: int):
+  """An update over K micro-batches of B in one jitted scan, against K plain steps of B (t_step seconds each)."""
+  step = jit_train_step(runner.graphdef, runner.tx, runner.mesh, micro_batches=k)
+  big = {name: jnp.concatenate([x] * k) for name, x in runner.batch.items()}
 
   def one_step(batch):
-    holder[0], metrics = step(holder[0], batch)
+    runner.holder[0], metrics = step(runner.holder[0], batch)
     return metrics["loss"]
 
-  t_acc = timeit(one_step, big, repeats=repeats)
-  b = batch["label"].shape[0]
+  t_acc = timeit(one_step, big, repeats=runner.repeats)
+  b = runner.batch["label"].shape[0]
   print(f"\n| gradient accumulation, {k} x batch {b} | s/update | ratio |\n|---|---:|---:|")
   print(f"| {k} plain steps of {b} | {k * t_step:.2f} | 1.00 |")
   print(f"| one step, {k} accumulated micro-batches of {b} | {t_acc:.2f} | {t_acc / (k * t_step):.2f} |")
