@@ -27,8 +27,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp
 import numpy as np
 
-from flax import nnx
-
 from deconvnet_jax import onednn
 from deconvnet_jax.configs import ModelConfig, model_config
 from deconvnet_jax.data.generated import make_example
@@ -140,7 +138,7 @@ def main():
   ours = lambda: {dtype: timing_round(args, dtype) for dtype in dtypes}
 
   rounds = [ours()]
-  t_step = rounds[0]["float32"]["train step"]
+  t_step = rounds[0]["float32"]["train step"]  # for the pool / unpool share
   flops = forward_flops(config, size)
   best = max(g for _, _, g in peak)
   share = sum(pools[k] for k in ("max_pool_with_argmax forward", "max_pool_with_argmax backward",
@@ -158,16 +156,20 @@ def main():
   if args.torch_rounds:
     torch_table(args.config, b, size, args.repeats, args.torch_rounds, rounds, ours)
   if args.accumulate > 1:
-    accumulation_table(Runner(config, args), t_step, args.accumulate)
+    accumulation_table(Runner(config, args), args.accumulate)
   if args.inference:
     for dtype in dtypes:  # one model at a time in this process
-      inference_table(Runner(dataclasses.replace(config, dtype=dtype), args).model(), dtype, args.repeats)
+      inference_table(build_model(dataclasses.replace(config, dtype=dtype)), dtype, args.repeats)
 
 
 def timing_round(args, dtype: str) -> dict[str, float]:
   """Runner(...).time() for our model in `dtype`, in a process of its own (this script with --round)."""
-  command = [sys.executable, __file__, "--round", dtype, "--config", args.config, "--batch", str(args.batch),
-             "--size", str(args.size), "--repeats", str(args.repeats)]
+  return last_json([sys.executable, __file__, "--round", dtype, "--config", args.config, "--batch", str(args.batch),
+                    "--size", str(args.size), "--repeats", str(args.repeats)])
+
+
+def last_json(command: list[str]) -> dict:
+  """The JSON object on the last line that `command`, a process of its own, prints."""
   return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
 
 
@@ -196,9 +198,6 @@ class Runner:
                               repeats=self.repeats),
             "train step": timeit(self.one_step, self.batch, repeats=self.repeats)}
 
-  def model(self) -> nnx.Module:
-    return nnx.merge(self.graphdef, self.holder[0].params, self.holder[0].batch_stats)
-
 
 def torch_table(config_name: str, b: int, size: int, repeats: int, n: int, rounds: list, ours):
   """The same network in PyTorch eager, float32 and bf16 autocast, in rounds alternating with ours.
@@ -221,8 +220,7 @@ def torch_table(config_name: str, b: int, size: int, repeats: int, n: int, round
     for name in theirs:
       command = [sys.executable, str(script), "--config", config_name, "--batch", str(b), "--size", str(size),
                  "--repeats", str(repeats)] + ["--bf16"] * (name != "float32")
-      out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-      theirs[name].append(json.loads(out.splitlines()[-1]))
+      theirs[name].append(last_json(command))
   bf16 = "bf16 autocast" in theirs and "bfloat16" in rounds[0]
   span = lambda xs: f"{min(xs):.2f}" if len(xs) == 1 or f"{min(xs):.2f}" == f"{max(xs):.2f}" else \
       f"{min(xs):.2f}-{max(xs):.2f}"
@@ -245,8 +243,9 @@ def torch_table(config_name: str, b: int, size: int, repeats: int, n: int, round
     print(row + " |")
 
 
-def accumulation_table(runner: Runner, t_step: float, k: int):
-  """An update over K micro-batches of B in one jitted scan, against K plain steps of B (t_step seconds each)."""
+def accumulation_table(runner: Runner, k: int):
+  """An update over K micro-batches of B in one jitted scan, against K plain steps of B, in this process."""
+  t_step = timeit(runner.one_step, runner.batch, repeats=runner.repeats)
   step = jit_train_step(runner.graphdef, runner.tx, runner.mesh, micro_batches=k)
   big = {name: jnp.concatenate([x] * k) for name, x in runner.batch.items()}
 
