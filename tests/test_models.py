@@ -9,7 +9,7 @@ from flax import nnx
 
 from deconvnet_jax.configs import model_config
 from deconvnet_jax.models import (Deconv, bilinear_kernel, FullyConv, build_model, gaussian, get_variables, he_normal,
-                                  min_input_size, set_variables)
+                                  min_input_size, set_variables, with_compute_dtype)
 
 
 forward = nnx.jit(lambda model, x: model(x))
@@ -134,6 +134,24 @@ def test_bfloat16_compute_keeps_float32_parameters():
   assert out.dtype == jnp.float32
   dtypes = {x.dtype for x in jax.tree.leaves(get_variables(model))}
   assert dtypes == {jnp.dtype(jnp.float32)}
+
+
+@pytest.mark.parametrize("arch", ["small", "fcn8s-small"])
+def test_with_compute_dtype_holds_bfloat16_layers_and_computes_the_same(arch):
+  model = build_model(model_config(arch, dtype="bfloat16", num_classes=5))
+  model.eval()
+  cast = with_compute_dtype(model)
+  x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+  np.testing.assert_array_equal(np.asarray(forward(cast, x)), np.asarray(forward(model, x)))
+  params = nnx.to_flat_state(nnx.state(cast, nnx.Param))
+  layers = {path: v.get_value().dtype for path, v in params if path[-2] != "bn"}
+  assert layers and set(layers.values()) == {jnp.dtype(jnp.bfloat16)}
+  # BatchNorm computes from float32 statistics, and the given model is left as it was.
+  bn = {v.get_value().dtype for path, v in params if path[-2] == "bn"}
+  assert bn == ({jnp.dtype(jnp.float32)} if model.config.batch_norm else set())
+  assert {x.dtype for x in jax.tree.leaves(get_variables(model))} == {jnp.dtype(jnp.float32)}
+  float32 = build_model(model_config(arch, num_classes=5))
+  assert with_compute_dtype(float32) is float32
 
 
 def test_variables_round_trip_and_mismatch_errors():
