@@ -27,7 +27,7 @@ def deconv_reference(x, kernel, stride, pad):
   return full[:, pad:full.shape[1] - pad, pad:full.shape[2] - pad]
 
 
-@pytest.mark.parametrize("hw,k,stride,pad", [((1, 1), 7, 1, 0), ((5, 4), 3, 1, 1),
+@pytest.mark.parametrize("hw,k,stride,pad", [((1, 1), 7, 1, 0), ((3, 4), 7, 1, 0), ((5, 4), 3, 1, 1),
                                              ((3, 3), 4, 2, 0), ((2, 3), 16, 8, 0)])
 def test_deconv_matches_caffe_semantics(hw, k, stride, pad):
   rng = np.random.default_rng(0)
@@ -38,6 +38,20 @@ def test_deconv_matches_caffe_semantics(hw, k, stride, pad):
   want = deconv_reference(x, np.asarray(layer.kernel[...], np.float64), stride, pad)
   want = want + np.asarray(layer.bias[...])
   np.testing.assert_allclose(np.asarray(layer(jnp.asarray(x))), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (3, 4)])
+def test_fc6_deconv_matmul_gradients_match_xla_transposed_convolution(hw):
+  rng = np.random.default_rng(3)
+  layer = Deconv(6, 4, 7, dtype=jnp.float32, kernel_init=nnx.initializers.normal(1.0), rngs=nnx.Rngs(0))
+  x = jnp.asarray(rng.normal(size=(2, *hw, 6)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(2, hw[0] + 6, hw[1] + 6, 4)), jnp.float32)
+  xla = lambda x, w: jax.lax.conv_general_dilated(x, w[:, :, ::-1, ::-1], (1, 1), ((6, 6), (6, 6)),
+                                                  dimension_numbers=("NHWC", "IOHW", "NHWC"))
+  want = jax.vjp(xla, x, layer.kernel[...])[1](g)
+  got = jax.grad(lambda x, w: jnp.sum(nnx.merge(*_with_kernel(layer, w))(x) * g), (0, 1))(x, layer.kernel[...])
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 
 
 def test_deconv_matches_pytorch():
@@ -61,15 +75,35 @@ def test_bilinear_kernel_upsamples_a_constant_to_a_constant():
   np.testing.assert_allclose(out[0, 1:-1, 1:-1], 1.0, rtol=1e-6)  # interior: exact interpolation
 
 
-def test_fully_conv_matmul_path_equals_convolution():
-  layer = FullyConv(6, 4, 3, dtype=jnp.float32, kernel_init=he_normal, rngs=nnx.Rngs(0))
-  x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 5, 4, 6)), jnp.float32)
-  big = layer(x)  # [2, 3, 2, 4] by convolution
-  windows = [layer(x[:, i:i + 3, j:j + 3]) for i in range(3) for j in range(2)]  # matmul path
-  assert big.shape == (2, 3, 2, 4) and windows[0].shape == (2, 1, 1, 4)
-  np.testing.assert_allclose(np.asarray(big).reshape(2, 6, 4),
-                             np.concatenate([np.asarray(w)[:, 0] for w in windows], 1).reshape(2, 6, 4),
-                             rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("hw,k", [((3, 3), 3), ((5, 4), 3), ((4, 6), 1)])
+def test_fully_conv_matches_a_numpy_convolution_and_its_gradients(hw, k):
+  # (k, k): the input is the one patch; larger: the patch matrix; k = 1: fc7 over positions.
+  rng = np.random.default_rng(2)
+  layer = FullyConv(6, 4, k, dtype=jnp.float32, kernel_init=he_normal, rngs=nnx.Rngs(0))
+  layer.bias[...] = jnp.asarray(rng.normal(size=4), jnp.float32)
+  x = rng.normal(size=(2, *hw, 6)).astype(np.float32)
+  kernel = np.asarray(layer.kernel[...], np.float64)
+  ho, wo = hw[0] - k + 1, hw[1] - k + 1
+  want = np.zeros((2, ho, wo, 4)) + np.asarray(layer.bias[...])
+  for i in range(ho):
+    for j in range(wo):
+      want[:, i, j] += np.einsum("byxc,yxco->bo", x[:, i:i + k, j:j + k], kernel)
+  np.testing.assert_allclose(np.asarray(layer(jnp.asarray(x))), want, rtol=1e-5, atol=1e-5)
+  # Gradients against XLA's convolution of the same kernel.
+  g = rng.normal(size=(2, ho, wo, 4)).astype(np.float32)
+  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  want_dx, want_dw = jax.vjp(conv, jnp.asarray(x), layer.kernel[...])[1](jnp.asarray(g))
+  dx, dw = jax.grad(lambda x, w: jnp.sum(nnx.merge(*_with_kernel(layer, w))(x) * g), (0, 1))(
+      jnp.asarray(x), layer.kernel[...])
+  np.testing.assert_allclose(np.asarray(dx), np.asarray(want_dx), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dw), np.asarray(want_dw), rtol=1e-4, atol=1e-5)
+
+
+def _with_kernel(layer, kernel):
+  """(graphdef, state) of `layer` with its kernel replaced, for gradients by jax.grad."""
+  graphdef, state = nnx.split(layer)
+  state["kernel"] = nnx.Param(kernel)
+  return graphdef, state
 
 
 def test_paper_config_parameter_count_and_output_shape():
