@@ -104,7 +104,7 @@ class FullyConv(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, cin] -> [B, H-k+1, W-k+1, cout]
     k, _, cin, cout = self.kernel.shape
-    x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
+    x, kernel = x.astype(self.dtype), self.kernel[...]  # the kernel as it is: see conv.matmul
     b, h, w, _ = x.shape
     ho, wo = h - k + 1, w - k + 1
     if (ho, wo) != (1, 1):  # patches [B, H', W', k*k*cin], in the kernel's (row, column, channel) order
@@ -122,16 +122,22 @@ class Deconv(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((cout,))) if use_bias else None
     self.stride, self.pad, self.dtype = stride, pad, dtype
 
+  @property
+  def matmul_form(self) -> bool:
+    """Stride 1 and no padding (fc6-deconv): computed as one matmul, with the kernel as it is."""
+    return self.stride == 1 and self.pad == 0
+
   def __call__(self, x: jax.Array) -> jax.Array:
     cin, cout, k, _ = self.kernel.shape
     x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
-    if self.stride == 1 and self.pad == 0:
+    if self.matmul_form:
       # fc6-deconv (the only such layer): one [B*h*w, in] @ [in, out*k*k] matmul, each position's k x k
       # block then added in place (on the 1x1 map of 224x224 crops, the output itself). oneDNN's 7x7
       # transposed convolution took 342 / 320 ms (float32 / bfloat16) from a 384x512 image's 6x10 map,
       # this 89 / 60, on a 2-core AMD EPYC.
       b, h, w, _ = x.shape
-      y = matmul(x.reshape(-1, cin), kernel.reshape(cin, cout * k * k)).reshape(b, h, w, cout, k, k)
+      kernel = self.kernel[...].reshape(cin, cout * k * k)  # as it is: see conv.matmul
+      y = matmul(x.reshape(-1, cin), kernel).reshape(b, h, w, cout, k, k)
       if (h, w) == (1, 1):
         y = y[:, 0, 0].transpose(0, 2, 3, 1)
       else:
@@ -348,14 +354,16 @@ def build_model(config: ModelConfig, seed: int = 0) -> DeconvNet | FCN8s:
 
 
 def with_compute_dtype(model: nnx.Module) -> nnx.Module:
-  """For inference: the model with each conv / deconv layer's kernel and bias held in the dtype it computes in.
+  """For inference: the model with each convolution's and transposed convolution's kernel and bias held in the
+  dtype it computes in.
 
-  The layers cast them on every call, so the function is the same; in bfloat16
-  the cast leaves the forward (fc6's and fc6-deconv's 103 M weights each took
-  0.36 s of a 1.9-2.4 s batch of 10 proposals on a 2-core AMD EPYC). A copy
-  where anything changes (training keeps float32 weights); else the model itself.
+  These layers cast them on every call, so the function is the same; in
+  bfloat16 the casts leave the forward. fc6, fc7 and fc6-deconv keep theirs: their
+  matmuls take float32 weights as they are (`conv.matmul`). A copy where anything
+  changes (training keeps float32 weights); else the model itself.
   """
-  layers = lambda m: [(layer, name) for _, layer in nnx.iter_modules(m) if isinstance(layer, (Conv, FullyConv, Deconv))
+  casts = lambda layer: isinstance(layer, Conv) or isinstance(layer, Deconv) and not layer.matmul_form
+  layers = lambda m: [(layer, name) for _, layer in nnx.iter_modules(m) if casts(layer)
                       for name in ("kernel", "bias") if getattr(layer, name) is not None
                       and getattr(layer, name)[...].dtype != layer.dtype]
   if not layers(model):
@@ -364,7 +372,6 @@ def with_compute_dtype(model: nnx.Module) -> nnx.Module:
   for layer, name in layers(model):
     setattr(layer, name, nnx.Param(getattr(layer, name)[...].astype(layer.dtype)))
   return model
-
 
 
 def get_variables(model: nnx.Module) -> dict:

@@ -288,3 +288,19 @@ def test_onednn_is_optional_and_a_failed_build_falls_back_to_xla_with_a_warning(
   built = onednn._build(lib_dir, include_dir)
   assert built.parent == tmp_path / "deconvnet_jax" and list(built.parent.iterdir()) == [built]
   assert onednn._build(lib_dir, include_dir) == built  # cached: the same file, not rebuilt
+
+
+@pytest.mark.parametrize("b_dtype", [jnp.bfloat16, jnp.float32])
+def test_bfloat16_matmul_with_a_float32_or_bfloat16_weight_rounds_float64_once(b_dtype):
+  # fc6 and fc6-deconv pass float32 weights as they are; each result is the float64 product rounded once to
+  # bfloat16, and the weight's gradient comes back in the weight's dtype.
+  rng = np.random.default_rng(5)
+  a = jnp.asarray(rng.normal(size=(6, 40)), jnp.bfloat16)
+  b = jnp.asarray(rng.normal(size=(40, 24)), b_dtype)
+  g = jnp.asarray(rng.normal(size=(6, 24)), jnp.bfloat16)
+  y, vjp = jax.vjp(matmul, a, b)
+  da, db = vjp(g)
+  assert (y.dtype, da.dtype, db.dtype) == (jnp.bfloat16, jnp.bfloat16, b_dtype)
+  a64, b64, g64 = (np.asarray(v, np.float64) for v in (a, b, g))
+  for got, want in [(y, a64 @ b64), (da, g64 @ b64.T), (db, a64.T @ g64)]:
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2**-8, atol=1e-6)
