@@ -2,6 +2,7 @@
 
   python bench.py                      # paper configuration, 224x224, batch 4
   python bench.py --batch 2 --repeats 3
+  python bench.py --batch 64 --torch-rounds 0 --accumulate 0 --no-inference   # on a GPU or TPU: MFU
 
 Every figure in one run, so ratios compare like with like on a shared machine.
 Times are medians over --repeats runs after a compile-and-warm-up run. Each
@@ -50,12 +51,32 @@ def timeit(fn, *args, repeats: int) -> float:
   return float(np.median(times))
 
 
+# Dense bfloat16 peaks, TFLOP/s, from the makers' data sheets, by a word of jax's device_kind.
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0,
+                    "TPU v5p": 459.0, "TPU v6 lite": 918.0}
+
+
+def accelerator() -> bool:
+  return jax.default_backend() != "cpu"
+
+
+def published_bf16_peak() -> float | None:
+  """The device's data-sheet bfloat16 peak in GFLOP/s, where BF16_PEAK_TFLOPS knows it."""
+  kind = jax.devices()[0].device_kind
+  return next((1e3 * t for name, t in BF16_PEAK_TFLOPS.items() if name in kind), None)
+
+
 def machine_peak(repeats: int) -> list[tuple[str, float, float]]:
-  """(name, seconds, GFLOP/s) of a large matmul and of 3x3 convs at VGG shapes."""
+  """(name, seconds, GFLOP/s) of a large matmul and of 3x3 convs at VGG shapes; on an accelerator also a
+  bfloat16 matmul, large enough to fill it."""
   rows = []
   a = jnp.ones((2048, 2048), jnp.float32)
   t = timeit(jax.jit(lambda a: a @ a), a, repeats=repeats)
   rows.append(("matmul 2048^3", t, 2 * 2048**3 / t / 1e9))
+  if accelerator():
+    a = jnp.ones((8192, 8192), jnp.bfloat16)
+    t = timeit(jax.jit(lambda a: a @ a), a, repeats=repeats)
+    rows.append(("matmul 8192^3 bfloat16", t, 2 * 8192**3 / t / 1e9))
   for name, h, cin, cout in [("conv1_2", 224, 64, 64), ("conv3_1", 56, 128, 256), ("conv5_1", 14, 512, 512)]:
     x = jnp.ones((4, h, h, cin), jnp.float32)
     w = jnp.ones((3, 3, cin, cout), jnp.float32) * 0.01
@@ -134,13 +155,14 @@ def main():
     ratio = pools[f"max_unpool scatter {d}"] / pools[f"max_unpool select {d}"]
     print(f"| unpool {d}: scatter / select | {ratio:.2f}x |")
 
-  dtypes = ["float32"] + ["bfloat16"] * (args.bf16 and onednn.cpu_has_bf16())
+  dtypes = ["float32"] + ["bfloat16"] * (args.bf16 and (accelerator() or onednn.cpu_has_bf16()))
   ours = lambda: {dtype: timing_round(args, dtype) for dtype in dtypes}
 
   rounds = [ours()]
   t_step = rounds[0]["float32"]["train step"]  # for the pool / unpool share
   flops = forward_flops(config, size)
-  best = max(g for _, _, g in peak)
+  peaks = {"float32": peak[0][2]}  # of peak: the run's own float32 matmul, and bfloat16's where measured
+  peaks["bfloat16"] = next((g for name, _, g in peak if "bfloat16" in name), peaks["float32"])
   share = sum(pools[k] for k in ("max_pool_with_argmax forward", "max_pool_with_argmax backward",
                                  "max_unpool select forward", "max_unpool select backward")) / t_step
   print(f"\n| DeconvNet ({flops / 1e9:.1f} GFLOPs forward per image) | s/img | img/s | GFLOP/s | of peak |")
@@ -151,15 +173,31 @@ def main():
                            ("train step (fwd+bwd+SGD)", "train step", 3 * flops)]:
       t = rounds[0][dtype][name]
       g = f * b / t / 1e9
-      print(f"| {label}{suffix} | {t / b:.3f} | {b / t:.2f} | {g:.0f} | {g / best:.0%} |")
+      print(f"| {label}{suffix} | {t / b:.3f} | {b / t:.2f} | {g:.0f} | {g / peaks[dtype]:.0%} |")
   print(f"| pool + unpool (fwd+bwd) share of the train step | {share:.1%} | | | |")
-  if args.torch_rounds:
+  if "bfloat16" in dtypes and accelerator():
+    mfu_table(rounds[0]["bfloat16"]["train step"], 3 * flops * b, peaks["bfloat16"])
+  if args.torch_rounds and accelerator():
+    print("\n(an accelerator: PyTorch's rows, which run on the CPU, are skipped)")
+  elif args.torch_rounds:
     torch_table(args.config, b, size, args.repeats, args.torch_rounds, rounds, ours)
   if args.accumulate > 1:
     accumulation_table(Runner(config, args), args.accumulate)
   if args.inference:
     for dtype in dtypes:  # one model at a time in this process
       inference_table(build_model(dataclasses.replace(config, dtype=dtype)), dtype, args.repeats)
+
+
+def mfu_table(t_step: float, step_flops: float, measured: float):
+  """The bfloat16 train step's model FLOP utilisation: of the data-sheet peak, and of the run's own matmul."""
+  achieved, published = step_flops / t_step / 1e9, published_bf16_peak()
+  kind = jax.devices()[0].device_kind
+  print(f"\n| bfloat16 train step on {jax.device_count()} x {kind} | GFLOP/s | MFU |\n|---|---:|---:|")
+  if published:
+    print(f"| of the data-sheet peak ({published / 1e3:.0f} TFLOP/s a chip) | {achieved:.0f} | "
+          f"{achieved / (published * jax.device_count()):.0%} |")
+  print(f"| of this run's bfloat16 matmul ({measured / 1e3:.0f} TFLOP/s, one chip) | {achieved:.0f} | "
+        f"{achieved / (measured * jax.device_count()):.0%} |")
 
 
 def timing_round(args, dtype: str) -> dict[str, float]:
