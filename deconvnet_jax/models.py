@@ -129,7 +129,7 @@ class Deconv(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     cin, cout, k, _ = self.kernel.shape
-    x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
+    x = x.astype(self.dtype)
     if self.matmul_form:
       # fc6-deconv (the only such layer): one [B*h*w, in] @ [in, out*k*k] matmul, each position's k x k
       # block then added in place (on the 1x1 map of 224x224 crops, the output itself). oneDNN's 7x7
@@ -145,13 +145,13 @@ class Deconv(nnx.Module):
         rows = [sum(shift(y[..., i, j].astype(jnp.float32), 2, j) for j in range(k)) for i in range(k)]
         y = sum(shift(row, 1, i) for i, row in enumerate(rows)).astype(self.dtype)  # [B, h+k-1, w+k-1, out]
     elif self.stride == 1:
-      y = conv_transpose2d(x, kernel, self.pad)
+      y = conv_transpose2d(x, self.kernel[...].astype(self.dtype), self.pad)
     else:
       # A transposed conv is a conv of the stride-dilated input, padded by
       # k - 1 - pad, with the spatially flipped kernel.
       p = k - 1 - self.pad
       y = jax.lax.conv_general_dilated(
-          x, kernel[:, :, ::-1, ::-1], (1, 1), ((p, p), (p, p)),
+          x, self.kernel[...].astype(self.dtype)[:, :, ::-1, ::-1], (1, 1), ((p, p), (p, p)),
           lhs_dilation=(self.stride, self.stride),
           dimension_numbers=("NHWC", "IOHW", "NHWC"))
     if self.bias is not None:
