@@ -151,8 +151,8 @@ class Segmenter:
     return scores, squares
 
   def _batched(self, crops: np.ndarray) -> np.ndarray:
-    """Network scores of [N, S, S, 3] crops in padded batches of batch_size: [N, S, S, K]."""
-    b, n = self.config.batch_size, len(crops)
+    """Network scores of [N, S, S, 3] crops in padded batches of batch_size, or of top_k where fewer: [N, S, S, K]."""
+    b, n = min(self.config.batch_size, self.config.top_k), len(crops)
     padded = np.zeros((-(-n // b) * b, *crops.shape[1:]), np.float32)
     padded[:n] = crops
     return np.concatenate([self.net(padded[i:i + b]) for i in range(0, len(padded), b)])[:n]

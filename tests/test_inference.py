@@ -22,6 +22,11 @@ def test_one_compilation_for_any_image_size_and_proposal_count():
     np.testing.assert_allclose(result.prob.sum(-1), 1.0, atol=1e-5)
     assert set(result.seconds) == {"proposals", "network", "aggregation", "crf"}
   assert segmenter.net.compiled == [(4, 64, 64, 3)]  # 7 proposals = 2 padded batches of 4
+  # Fewer proposals than a batch: batches of top_k, not padded up to batch_size.
+  few = Segmenter(build_model(model_config("small")), InferenceConfig(proposals="windows", top_k=3, input_size=64,
+                                                                       crf=False))
+  few.segment(make_example(rng, 70, 70)[0])
+  assert few.net.compiled == [(3, 64, 64, 3)]
 
 
 def test_ensemble_and_crf_follow_their_rules():
