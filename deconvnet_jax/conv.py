@@ -172,8 +172,9 @@ def _matmul(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
   dot = lambda a, b: jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
   if b.dtype == a.dtype:
     return dot(a, b).astype(a.dtype)
-  return jax.lax.platform_dependent(a, b, cpu=lambda a, b: dot(a.astype(b.dtype), b).astype(a.dtype),
-                                    default=lambda a, b: dot(a, b.astype(a.dtype)).astype(a.dtype))
+  out = jax.lax.platform_dependent(a, b, cpu=lambda a, b: dot(a.astype(b.dtype), b),
+                                   default=lambda a, b: dot(a, b.astype(a.dtype)))
+  return out.astype(a.dtype)
 
 
 @jax.custom_vjp

@@ -132,7 +132,7 @@ class Deconv(nnx.Module):
     x = x.astype(self.dtype)
     if self.matmul_form:
       # fc6-deconv (the only such layer): one [B*h*w, in] @ [in, out*k*k] matmul, each position's k x k
-      # block then added in place (on the 1x1 map of 224x224 crops, the output itself). oneDNN's 7x7
+      # block then added at its offset (on the 1x1 map of 224x224 crops, the block is the output). oneDNN's 7x7
       # transposed convolution took 342 / 320 ms (float32 / bfloat16) from a 384x512 image's 6x10 map,
       # this 89 / 60, on a 2-core AMD EPYC.
       b, h, w, _ = x.shape

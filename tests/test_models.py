@@ -49,7 +49,7 @@ def test_fc6_deconv_matmul_gradients_match_xla_transposed_convolution(hw):
   xla = lambda x, w: jax.lax.conv_general_dilated(x, w[:, :, ::-1, ::-1], (1, 1), ((6, 6), (6, 6)),
                                                   dimension_numbers=("NHWC", "IOHW", "NHWC"))
   want = jax.vjp(xla, x, layer.kernel[...])[1](g)
-  got = jax.grad(lambda x, w: jnp.sum(nnx.merge(*_with_kernel(layer, w))(x) * g), (0, 1))(x, layer.kernel[...])
+  got = _layer_gradients(layer, x, g)
   for a, b in zip(got, want):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 
@@ -93,17 +93,20 @@ def test_fully_conv_matches_a_numpy_convolution_and_its_gradients(hw, k):
   g = rng.normal(size=(2, ho, wo, 4)).astype(np.float32)
   conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
   want_dx, want_dw = jax.vjp(conv, jnp.asarray(x), layer.kernel[...])[1](jnp.asarray(g))
-  dx, dw = jax.grad(lambda x, w: jnp.sum(nnx.merge(*_with_kernel(layer, w))(x) * g), (0, 1))(
-      jnp.asarray(x), layer.kernel[...])
+  dx, dw = _layer_gradients(layer, jnp.asarray(x), g)
   np.testing.assert_allclose(np.asarray(dx), np.asarray(want_dx), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(np.asarray(dw), np.asarray(want_dw), rtol=1e-4, atol=1e-5)
 
 
-def _with_kernel(layer, kernel):
-  """(graphdef, state) of `layer` with its kernel replaced, for gradients by jax.grad."""
+def _layer_gradients(layer, x, g):
+  """(d/dx, d/dkernel) of sum(layer(x) * g), by jax.grad through the layer's own call."""
   graphdef, state = nnx.split(layer)
-  state["kernel"] = nnx.Param(kernel)
-  return graphdef, state
+
+  def loss(x, kernel):
+    state["kernel"] = nnx.Param(kernel)
+    return jnp.sum(nnx.merge(graphdef, state)(x) * g)
+
+  return jax.grad(loss, (0, 1))(x, layer.kernel[...])
 
 
 def test_paper_config_parameter_count_and_output_shape():
