@@ -165,14 +165,15 @@ def uses_matmuls(kernel_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> b
 def _matmul(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
   """Contracts a's axis contract[0] with b's axis contract[1] (2-D each), summed in float32, in a's dtype.
 
-  A wider b (float32 weights in a bfloat16 network) is cast to a's dtype, except on the CPU: there the
-  product is computed in b's dtype, with b as it is.
+  Of two dtypes, b is cast to a's, except on the CPU: there the product is computed in the wider one
+  (float32 weights of a bfloat16 network as they are; a float32 a is not rounded to a narrower b's).
   """
   dims = (((contract[0],), (contract[1],)), ((), ()))
   dot = lambda a, b: jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
   if b.dtype == a.dtype:
     return dot(a, b).astype(a.dtype)
-  out = jax.lax.platform_dependent(a, b, cpu=lambda a, b: dot(a.astype(b.dtype), b),
+  wide = jnp.promote_types(a.dtype, b.dtype)
+  out = jax.lax.platform_dependent(a, b, cpu=lambda a, b: dot(a.astype(wide), b.astype(wide)),
                                    default=lambda a, b: dot(a, b.astype(a.dtype)))
   return out.astype(a.dtype)
 

@@ -304,3 +304,18 @@ def test_bfloat16_matmul_with_a_float32_or_bfloat16_weight_rounds_float64_once(b
   a64, b64, g64 = (np.asarray(v, np.float64) for v in (a, b, g))
   for got, want in [(y, a64 @ b64), (da, g64 @ b64.T), (db, a64.T @ g64)]:
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2**-8, atol=1e-6)
+
+
+def test_float32_matmul_with_a_bfloat16_weight_keeps_float32():
+  # Mixed operands the other way round (a bfloat16 weight in a float32 network): a is not rounded to bfloat16.
+  rng = np.random.default_rng(6)
+  a = jnp.asarray(rng.normal(size=(6, 40)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=(40, 24)), jnp.bfloat16)
+  g = jnp.asarray(rng.normal(size=(6, 24)), jnp.float32)
+  y, vjp = jax.vjp(matmul, a, b)
+  da, db = vjp(g)
+  assert (y.dtype, da.dtype, db.dtype) == (jnp.float32, jnp.float32, jnp.bfloat16)
+  a64, b64, g64 = (np.asarray(v, np.float64) for v in (a, b, g))
+  np.testing.assert_allclose(np.asarray(y, np.float64), a64 @ b64, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(da, np.float64), g64 @ b64.T, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(db, np.float64), a64.T @ g64, rtol=2**-8, atol=1e-6)  # in b's dtype
